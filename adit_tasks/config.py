@@ -1,0 +1,249 @@
+"""Settings and the nodes file.
+
+The nodes file (YAML, path in `ADIT_NODES_FILE`, default `./nodes.yaml`) declares our own AE
+title, the C-MOVE receiver and the nodes: DICOM servers (DIMSE and/or DICOMweb) and folders.
+`ADIT_*` environment variables and a `.env` file override its top-level keys (a list such as
+`ADIT_NODES` is given as JSON). `load_settings()` is the only place that reads them; everything
+below it gets a validated `Settings` or `ServerNode` passed in explicitly.
+
+A bad file fails at start with one message that names the file, the node and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adit_tasks.errors import ConfigError, UnknownNode
+
+DEFAULT_NODES_FILE = Path("nodes.yaml")
+RetrieveMethod = Literal["c-get", "c-move", "wado-rs"]
+
+_AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # printable ASCII without backslash
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE (Application Entity) is at most 16 characters, no backslash or control
+    # characters, and leading/trailing spaces are not significant.
+    value = value.strip()
+    if not value:
+        raise ValueError("AE title must not be empty")
+    if len(value) > 16:
+        raise ValueError(f"AE title '{value}' is longer than 16 characters")
+    if not _AE_TITLE_CHARS.match(value):
+        raise ValueError(f"AE title '{value}' may only contain printable ASCII, no backslash")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerNode(_Strict):
+    """A DICOM server reached by DIMSE (AE title, host, port) and/or DICOMweb (base URL)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    dicomweb_url: str | None = None
+    # Retrieval methods the server supports, in order of preference.
+    retrieve: list[RetrieveMethod] = Field(default_factory=lambda: ["c-get", "c-move"])
+    find: bool = True  # answers C-FIND (or QIDO-RS for DICOMweb-only nodes)
+    store: bool = True  # accepts C-STORE (or STOW-RS)
+    query_root: Literal["study", "patient"] = "study"
+    max_associations: int = Field(default=2, ge=1, le=64)
+    timeout: float = Field(default=60.0, gt=0, description="network/DIMSE timeout in seconds")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://", value):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> ServerNode:
+        dimse = [self.ae_title, self.host, self.port]
+        if any(v is not None for v in dimse) and not all(v is not None for v in dimse):
+            raise ValueError("a DIMSE server needs ae_title, host and port together")
+        if not self.has_dimse and not self.dicomweb_url:
+            raise ValueError("needs ae_title/host/port (DIMSE), dicomweb_url, or path (a folder)")
+        if "wado-rs" in self.retrieve and not self.dicomweb_url:
+            raise ValueError("retrieve lists wado-rs but dicomweb_url is not set")
+        if not self.has_dimse and set(self.retrieve) - {"wado-rs"}:
+            object.__setattr__(self, "retrieve", ["wado-rs"])  # DICOMweb-only node
+        if not self.retrieve:
+            raise ValueError("retrieve must list at least one method")
+        return self
+
+    @property
+    def has_dimse(self) -> bool:
+        return self.ae_title is not None
+
+    @property
+    def limit_name(self) -> str:
+        """Name of the Prefect global concurrency limit that guards this node's associations."""
+        return f"adit-node-{self.name}"
+
+
+class FolderNode(_Strict):
+    """A folder on this machine (or a mounted share) that studies are written to."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+
+
+def _node_kind(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return "folder" if "path" in raw else "server"
+    return "folder" if isinstance(raw, FolderNode) else "server"
+
+
+Node = Annotated[
+    Annotated[ServerNode, Tag("server")] | Annotated[FolderNode, Tag("folder")],
+    Discriminator(_node_kind),
+]
+
+
+class Settings(BaseSettings):
+    """Everything ADIT is configured with; see the README for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADIT_", env_file=".env", extra="forbid", frozen=True
+    )
+
+    nodes_file: Path = DEFAULT_NODES_FILE
+    ae_title: str = "ADIT"  # our calling AE title, also the C-MOVE destination AE
+    receiver_port: int = Field(default=11150, ge=1, le=65535)
+    receiver_host: str = "127.0.0.1"  # where the C-MOVE storage SCP binds
+    nodes: list[Node] = Field(default_factory=list)
+    retries: int = Field(default=3, ge=0, le=20)  # retries of a retriable study failure
+    retry_delay_seconds: float = Field(default=10.0, ge=0)  # first delay; doubles each retry
+    study_concurrency: int = Field(default=2, ge=1, le=64)  # studies transferred at once per run
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node.name in seen:
+                raise ValueError(f"duplicate node name '{node.name}'")
+            seen.add(node.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats .env beats the YAML file, which load_settings() passes as init data
+        # with the lowest priority.
+        return env_settings, dotenv_settings, init_settings
+
+    def node(self, name: str) -> ServerNode | FolderNode:
+        """The node called `name`, or UnknownNode listing the names there are."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes) or "none"
+        raise UnknownNode(f"unknown node '{name}' (nodes in {self.nodes_file}: {known})")
+
+    def server(self, name: str) -> ServerNode:
+        """The DICOM server called `name`; a folder node is an error here."""
+        node = self.node(name)
+        if not isinstance(node, ServerNode):
+            raise ConfigError(f"node '{name}' is a folder, not a DICOM server")
+        return node
+
+    @property
+    def servers(self) -> list[ServerNode]:
+        return [n for n in self.nodes if isinstance(n, ServerNode)]
+
+
+class SecretSettings(BaseSettings):
+    """Secrets, from the environment or `.env` only: never from the nodes file or a command line."""
+
+    model_config = SettingsConfigDict(env_prefix="ADIT_", env_file=".env", extra="ignore")
+
+    pseudonym_secret: SecretStr | None = None
+    archive_password: SecretStr | None = None
+
+
+def nodes_file_path(explicit: Path | str | None = None) -> Path:
+    """Where the nodes file is: the argument, else `ADIT_NODES_FILE`, else `./nodes.yaml`."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("ADIT_NODES_FILE") or DEFAULT_NODES_FILE)
+
+
+def load_settings(nodes_file: Path | str | None = None) -> Settings:
+    """Read and validate the nodes file and the `ADIT_*` overrides; ConfigError if invalid."""
+    path = nodes_file_path(nodes_file)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping with keys such as ae_title and nodes")
+        data = loaded or {}
+    elif nodes_file is not None or "ADIT_NODES_FILE" in os.environ:
+        raise ConfigError(f"{path}: nodes file not found")
+    try:
+        return Settings(**{**data, "nodes_file": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, data, exc)) from None
+
+
+def _describe(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
+    """One line per problem: file, node (by name when it has one) and field."""
+    nodes = data.get("nodes") if isinstance(data.get("nodes"), list) else []
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ""
+        if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
+            raw = nodes[loc[1]] if loc[1] < len(nodes) else {}
+            name = raw.get("name") if isinstance(raw, dict) else None
+            where = f"node '{name}'" if name else f"node #{loc[1] + 1}"
+            loc = [p for p in loc[2:] if p not in ("server", "folder")]
+        field = ".".join(str(p) for p in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts = [str(path)] + [p for p in (where, f"field '{field}'" if field else "") if p]
+        lines.append(f"{': '.join(parts)}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,115 @@
+"""DICOMweb: WADO-RS retrieval as a stream of instances.
+
+We ask for `transfer-syntax=*` so the server sends each instance in the syntax it stores, and
+parse the multipart/related response incrementally: memory holds one instance at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+import httpx
+
+from adit_tasks.association import SlotFactory, local_slot
+from adit_tasks.config import ServerNode
+from adit_tasks.errors import (
+    AssociationError,
+    DimseTimeout,
+    NotSupported,
+    OperationFailed,
+    PacsBusy,
+    StudyNotFound,
+)
+from adit_tasks.find import validate_uid
+from adit_tasks.instances import DicomInstance, InstanceStream
+
+logger = logging.getLogger(__name__)
+
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[bytes]:
+    """The bodies of a multipart/related stream, one part at a time (RFC 2046 5.1)."""
+    delimiter = b"\r\n--" + boundary
+    buffer = bytearray(b"\r\n")  # lets the first delimiter match like the others
+    in_part = False
+    for chunk in chunks:
+        buffer += chunk
+        while True:
+            pos = buffer.find(delimiter)
+            if pos < 0:
+                break
+            if in_part:
+                part = bytes(buffer[:pos])
+                header_end = part.find(b"\r\n\r\n")
+                yield part[header_end + 4:] if header_end >= 0 else part
+            del buffer[: pos + len(delimiter)]
+            if buffer[:2] == b"--":  # closing delimiter
+                return
+            in_part = True
+            if len(buffer) < 2:
+                break
+
+
+def _boundary(content_type: str) -> bytes:
+    match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+    if not match:
+        raise OperationFailed(f"WADO-RS answer is not multipart: {content_type!r}")
+    return match.group(1).encode()
+
+
+def _raise_for_status(node: ServerNode, response: httpx.Response, what: str) -> None:
+    code = response.status_code
+    if code < 400:
+        return
+    if code == 404:
+        raise StudyNotFound(f"{node.name}: {what} not found (HTTP 404)")
+    if code in (429, 502, 503, 504):
+        raise PacsBusy(f"{node.name}: {what}: server busy (HTTP {code})")
+    if code >= 500:
+        raise AssociationError(f"{node.name}: {what}: server error (HTTP {code})")
+    raise OperationFailed(f"{node.name}: {what}: HTTP {code}")
+
+
+def wado_study(
+    node: ServerNode,
+    study_uid: str,
+    series_uids: Iterable[str] = (),
+    *,
+    slot: SlotFactory = local_slot,
+    client: httpx.Client | None = None,
+) -> InstanceStream:
+    """Stream the instances of a study (or of the given series) by WADO-RS."""
+    if not node.dicomweb_url:
+        raise NotSupported(f"node '{node.name}' has no dicomweb_url for WADO-RS")
+    study_uid = validate_uid(study_uid, "StudyInstanceUID")
+    series = [validate_uid(s, "SeriesInstanceUID") for s in series_uids]
+    base = f"{node.dicomweb_url}/studies/{study_uid}"
+    urls = [f"{base}/series/{s}" for s in series] or [base]
+
+    def produce(put: Callable[[DicomInstance], None]) -> None:
+        http = client or httpx.Client(timeout=httpx.Timeout(node.timeout))
+        try:
+            with slot(node):
+                for url in urls:
+                    received = 0
+                    try:
+                        with http.stream("GET", url, headers={"Accept": ACCEPT}) as response:
+                            _raise_for_status(node, response, "WADO-RS study")
+                            boundary = _boundary(response.headers.get("content-type", ""))
+                            for body in iter_multipart(response.iter_bytes(1 << 20), boundary):
+                                put(DicomInstance.from_bytes(body))
+                                received += 1
+                    except httpx.TimeoutException as exc:
+                        raise DimseTimeout(f"{node.name}: WADO-RS timed out") from exc
+                    except httpx.TransportError as exc:
+                        raise AssociationError(f"{node.name}: WADO-RS failed: {exc}") from exc
+                    if received == 0:
+                        raise StudyNotFound(f"{node.name}: WADO-RS returned no instances")
+        finally:
+            if client is None:
+                http.close()
+
+    return InstanceStream(produce, name=f"wado-{node.name}")

@@ -1,0 +1,84 @@
+"""The exception hierarchy of ADIT.
+
+Every failure the DICOM code raises is an `AditError`. Its class says whether trying again can
+help: `RetriableError` (the PACS was busy, down, slow, or sent less than it promised) or
+`PermanentError` (bad input, unknown study, unknown node: the same call will fail the same way).
+Prefect tasks read this split in their `retry_condition_fn`; the CLI maps it to exit codes.
+pynetdicom statuses are turned into these exceptions in exactly one place per operation.
+"""
+
+from __future__ import annotations
+
+
+class AditError(Exception):
+    """Base of every error ADIT raises on purpose."""
+
+
+class RetriableError(AditError):
+    """A failure that may go away on its own: trying again later makes sense."""
+
+
+class PermanentError(AditError):
+    """A failure that will repeat: retrying only loads the PACS."""
+
+
+# --- retriable -------------------------------------------------------------------------------
+
+
+class AssociationError(RetriableError):
+    """The server could not be reached, refused the association transiently, or aborted it."""
+
+
+class DimseTimeout(RetriableError):
+    """The server stopped answering within the configured timeout."""
+
+
+class PacsBusy(RetriableError):
+    """The server answered 'out of resources' or similar: it is alive but overloaded."""
+
+
+class IncompleteRetrieval(RetriableError):
+    """Fewer instances arrived than the server promised or the query counted."""
+
+    def __init__(self, message: str, *, expected: int, received: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.received = received
+
+
+# --- permanent -------------------------------------------------------------------------------
+
+
+class ConfigError(PermanentError):
+    """The nodes file or settings are invalid."""
+
+
+class UnknownNode(PermanentError):
+    """A node name that the nodes file does not define."""
+
+
+class NotSupported(PermanentError):
+    """The node does not offer the operation asked for (for example C-MOVE on a C-GET-only PACS)."""
+
+
+class InvalidInput(PermanentError):
+    """A request that can never succeed: invalid UID, bad date, malformed query."""
+
+
+class StudyNotFound(PermanentError):
+    """The server does not hold the study (or series) asked for."""
+
+
+class AssociationRejected(PermanentError):
+    """The server permanently rejected us, typically because it does not know our AE title."""
+
+
+class OperationFailed(PermanentError):
+    """The server answered a DIMSE request with a failure status that retrying will not change."""
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """True when a retry could help; unknown exceptions count as transient (network, OS)."""
+    if isinstance(exc, AditError):
+        return isinstance(exc, RetriableError)
+    return isinstance(exc, OSError | TimeoutError | ConnectionError)

@@ -1,0 +1,53 @@
+"""C-MOVE: ask the PACS to send a study (or series) to our receiver, as a stream of instances.
+
+The PACS must know our AE title (`ae_title` in the settings) with the receiver's host and port.
+The final C-MOVE response only comes after the PACS got our answer to its last C-STORE, and we
+answer each C-STORE only after the instance was handed to the stream, so when the final
+response arrives every instance of this retrieval is in the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from pynetdicom import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+from adit_tasks.association import Connection, check_status
+from adit_tasks.find import validate_uid
+from adit_tasks.get import SubOperations, check_outcome, retrieve_identifier
+from adit_tasks.instances import DicomInstance, InstanceStream
+from adit_tasks.receiver import Receiver
+
+logger = logging.getLogger(__name__)
+
+
+def move_study(
+    conn: Connection,
+    receiver: Receiver,
+    study_uid: str,
+    series_uids: Iterable[str] = (),
+) -> InstanceStream:
+    """Stream the instances of a study (or of the given series) by C-MOVE to `receiver`."""
+    study_uid = validate_uid(study_uid, "StudyInstanceUID")
+    series = [validate_uid(s, "SeriesInstanceUID") for s in series_uids]
+    model = StudyRootQueryRetrieveInformationModelMove
+
+    def produce(put: Callable[[DicomInstance], None]) -> None:
+        total = SubOperations()
+        with receiver.route(study_uid, frozenset(series), put) as (msg_id, route), \
+                conn.associate([build_context(model)]) as assoc:
+            for series_uid in series or [""]:
+                subops = SubOperations()
+                identifier = retrieve_identifier(study_uid, series_uid)
+                responses = assoc.send_c_move(identifier, receiver.ae_title, model,
+                                              msg_id=msg_id)
+                for status, _ in responses:
+                    check_status(conn.node, "C-MOVE", status)
+                    subops.update(status)
+                total += subops
+            received = route.received
+        check_outcome(conn, "C-MOVE", study_uid, received, total)
+
+    return InstanceStream(produce, name=f"c-move-{conn.node.name}")

@@ -1,0 +1,193 @@
+"""The `adit` command line: thin over the flows and the DICOM core.
+
+Exit codes: 0 success, 1 some work failed (the output says which), 2 invalid input or
+configuration (nothing was done).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from adit_tasks.errors import AditError, ConfigError, InvalidInput, PermanentError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ADIT: automated DICOM transfer between PACS, folders and archives.")
+
+NodesFile = Annotated[Path | None, typer.Option("--nodes-file", envvar="ADIT_NODES_FILE",
+                                                 help="YAML nodes file (default ./nodes.yaml)")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(nodes_file: Path | None) -> Any:
+    from adit_tasks.config import load_settings
+
+    try:
+        return load_settings(nodes_file)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _connection(settings: Any, name: str) -> Any:
+    """A connection whose associations are limited on the Prefect server when one runs."""
+    from adit_tasks.association import Connection, local_slot
+    from flows.runtime import use_running_server
+
+    try:
+        node = settings.server(name)
+    except AditError as exc:
+        raise _fail(str(exc), 2) from None
+    slot = local_slot
+    if use_running_server():
+        from adit_tasks.tasks import ensure_node_limits, prefect_slot
+
+        ensure_node_limits(settings)
+        slot = prefect_slot
+    return Connection(node=node, calling_ae=settings.ae_title, slot=slot)
+
+
+@app.command()
+def nodes(nodes_file: NodesFile = None) -> None:
+    """List the configured nodes."""
+    settings = _settings(nodes_file)
+    from adit_tasks.config import FolderNode
+
+    if not settings.nodes:
+        raise _fail(f"no nodes configured in {settings.nodes_file}", 2)
+    for node in settings.nodes:
+        if isinstance(node, FolderNode):
+            typer.echo(f"{node.name:<16} folder   {node.path}")
+            continue
+        where = f"{node.ae_title}@{node.host}:{node.port}" if node.has_dimse else ""
+        web = f" {node.dicomweb_url}" if node.dicomweb_url else ""
+        typer.echo(f"{node.name:<16} server   {where}{web}  retrieve={','.join(node.retrieve)}"
+                   f"  max_associations={node.max_associations}")
+
+
+@app.command()
+def echo(node: str, nodes_file: NodesFile = None) -> None:
+    """C-ECHO a server; exit 0 when it answers."""
+    from adit_tasks.find import echo as c_echo
+
+    settings = _settings(nodes_file)
+    conn = _connection(settings, node)
+    try:
+        c_echo(conn)
+    except AditError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"{node}: C-ECHO ok")
+
+
+@app.command()
+def query(
+    node: str,
+    patient_id: Annotated[str, typer.Option(help="PatientID (wildcards * ?)")] = "",
+    patient_name: Annotated[str, typer.Option(help="'Last^First' (wildcards * ?)")] = "",
+    birth_date: Annotated[str, typer.Option(help="YYYYMMDD or YYYY-MM-DD")] = "",
+    study_date: Annotated[str, typer.Option(help="DATE or FROM-UNTIL (open ends allowed)")] = "",
+    modality: Annotated[str, typer.Option(help="e.g. CT, or CT,MR")] = "",
+    accession: Annotated[str, typer.Option(help="AccessionNumber")] = "",
+    study_uid: Annotated[str, typer.Option(help="StudyInstanceUID")] = "",
+    level: Annotated[str, typer.Option(help="study or series")] = "study",
+    limit: Annotated[int, typer.Option(help="stop after this many results")] = 0,
+    out: Annotated[Path | None, typer.Option(help="write a CSV file instead of printing")] = None,
+    nodes_file: NodesFile = None,
+) -> None:
+    """C-FIND studies (or series) on a server: one row per result."""
+    from flows.query import build_query, run_query
+
+    settings = _settings(nodes_file)
+    if level not in ("study", "series"):
+        raise _fail("--level must be study or series", 2)
+    try:
+        q = build_query(patient_id, patient_name, birth_date, study_date, modality, accession,
+                        study_uid, level, limit)
+    except InvalidInput as exc:
+        raise _fail(str(exc), 2) from None
+    conn = _connection(settings, node)
+    try:
+        rows = run_query(conn, q)
+    except AditError as exc:
+        raise _fail(str(exc), 2 if isinstance(exc, InvalidInput) else 1) from None
+    _write_rows(rows, out)
+    if out:
+        typer.echo(f"{len(rows)} result(s) written to {out}", err=True)
+
+
+def _write_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
+    if not rows and out is None:
+        typer.echo("no results", err=True)
+        return
+    fieldnames = list(rows[0]) if rows else []
+    stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
+    try:
+        writer = csv.DictWriter(stream, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    finally:
+        if out:
+            stream.close()
+
+
+@app.command()
+def transfer(
+    source: Annotated[str, typer.Option(help="source server node")],
+    destination: Annotated[str, typer.Option(help="destination server or folder node")],
+    study: Annotated[list[str], typer.Option(help="StudyInstanceUID (repeatable)")],
+    series: Annotated[list[str] | None, typer.Option(help="SeriesInstanceUID (repeatable)")] = None,
+    method: Annotated[str | None, typer.Option(help="c-get, c-move or wado-rs")] = None,
+    nodes_file: NodesFile = None,
+) -> None:
+    """Transfer studies from a server to a server or a folder (a Prefect flow run)."""
+    settings = _settings(nodes_file)
+    try:
+        settings.server(source)
+        settings.node(destination)
+    except AditError as exc:
+        raise _fail(str(exc), 2) from None
+    if method not in (None, "c-get", "c-move", "wado-rs"):
+        raise _fail("--method must be c-get, c-move or wado-rs", 2)
+    from adit_tasks.find import validate_uid
+
+    try:
+        for uid in [*study, *(series or [])]:
+            validate_uid(uid)
+    except InvalidInput as exc:
+        raise _fail(str(exc), 2) from None
+    from flows.runtime import use_running_server
+
+    use_running_server()
+    from flows.transfer import transfer_flow
+
+    state = transfer_flow(source, destination, study, series or None, method,
+                          str(settings.nodes_file), return_state=True)
+    rows = state.result(raise_on_failure=False)
+    if isinstance(rows, BaseException):
+        code = 2 if isinstance(rows, PermanentError | ValueError) else 1
+        raise _fail(str(rows), code)
+    for row in rows:
+        typer.echo(f"study {row['study']}: {row['status']}  {row['transferred']}/"
+                   f"{row['expected']} instances  {row['message']}")
+    if any(r["status"] == "failure" for r in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from flows.runtime import prepare_environment
+
+    prepare_environment()
+    app()
+
+
+if __name__ == "__main__":
+    main()
