@@ -7,10 +7,10 @@ each SOP class is offered with the uncompressed syntaxes in one context and ever
 syntax in a context of its own. The PACS then finds a context in the exact syntax it stores and
 sends the instance unchanged. (Orthanc picks the context in the stored syntax; DCMTK
 `dcmqrscp` 3.6.7 uses the first accepted context of the SOP class and fails the sub-operation
-when it cannot convert to it, so from dcmqrscp C-GET delivers uncompressed instances and
-reports compressed ones as a shortfall; its C-MOVE sends them as stored.) When the SOP classes are unknown (dcmqrscp
-returns no SOPClassUID at image level) we offer the common classes with the common compressed
-syntaxes, and all other storage classes uncompressed, within the 128-context limit.
+when it cannot convert to it, so from dcmqrscp C-GET and C-MOVE deliver uncompressed
+instances and report compressed ones as a shortfall.) When the SOP classes are unknown
+(dcmqrscp returns no SOPClassUID at image level) we offer the common classes with the common
+compressed syntaxes, and all other storage classes uncompressed, within the 128-context limit.
 """
 
 from __future__ import annotations
