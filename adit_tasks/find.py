@@ -1,6 +1,7 @@
 """C-ECHO and C-FIND: queries at patient, study, series and image level, typed results.
 
 PACS quirks handled here:
+- `dcmqrscp` returns no SeriesDescription at series level and no SOPClassUID at image level.
 - Some servers (DCMTK `dcmqrscp`) answer a study-level C-FIND without
   NumberOfStudyRelatedInstances or ModalitiesInStudy. We then count and collect them with a
   series-level query per study (and image level when the series counts are missing too).

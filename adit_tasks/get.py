@@ -25,7 +25,7 @@ from pynetdicom import build_context, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from adit_tasks.association import Connection, check_status
-from adit_tasks.errors import IncompleteRetrieval, StudyNotFound
+from adit_tasks.errors import IncompleteRetrieval, OperationFailed, StudyNotFound
 from adit_tasks.find import validate_uid
 from adit_tasks.instances import (
     STORAGE_SOP_CLASSES,
@@ -117,6 +117,21 @@ def retrieve_identifier(study_uid: str, series_uid: str = "") -> Dataset:
     return ds
 
 
+def check_retrieve_status(conn: Connection, operation: str, status: Dataset | None,
+                          received: int, subops: SubOperations) -> int:
+    """check_status, except that a failure before anything was offered means 'not found'.
+
+    Orthanc answers a C-GET/C-MOVE of an unknown study with 0xC000 and no sub-operations.
+    """
+    try:
+        return check_status(conn.node, operation, status)
+    except OperationFailed as exc:
+        if received == 0 and subops.completed + subops.failed + subops.warning == 0:
+            raise StudyNotFound(f"{conn.node.name}: {operation} found nothing to send "
+                                f"({exc})") from None
+        raise
+
+
 def check_outcome(conn: Connection, operation: str, study_uid: str, received: int,
                   subops: SubOperations) -> None:
     """Turn a finished retrieval's counts into success, StudyNotFound or IncompleteRetrieval."""
@@ -168,8 +183,9 @@ def get_study(
                 subops = SubOperations()
                 identifier = retrieve_identifier(study_uid, series_uid)
                 for status, _ in assoc.send_c_get(identifier, model):
-                    check_status(conn.node, "C-GET", status)
-                    subops.update(status)
+                    if status:
+                        subops.update(status)
+                    check_retrieve_status(conn, "C-GET", status, received, subops)
                 total += subops
         check_outcome(conn, "C-GET", study_uid, received, total)
 

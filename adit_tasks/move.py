@@ -14,9 +14,14 @@ from collections.abc import Callable, Iterable
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from adit_tasks.association import Connection, check_status
+from adit_tasks.association import Connection
 from adit_tasks.find import validate_uid
-from adit_tasks.get import SubOperations, check_outcome, retrieve_identifier
+from adit_tasks.get import (
+    SubOperations,
+    check_outcome,
+    check_retrieve_status,
+    retrieve_identifier,
+)
 from adit_tasks.instances import DicomInstance, InstanceStream
 from adit_tasks.receiver import Receiver
 
@@ -44,8 +49,9 @@ def move_study(
                 responses = assoc.send_c_move(identifier, receiver.ae_title, model,
                                               msg_id=msg_id)
                 for status, _ in responses:
-                    check_status(conn.node, "C-MOVE", status)
-                    subops.update(status)
+                    if status:
+                        subops.update(status)
+                    check_retrieve_status(conn, "C-MOVE", status, route.received, subops)
                 total += subops
             received = route.received
         check_outcome(conn, "C-MOVE", study_uid, received, total)
