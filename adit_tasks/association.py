@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -109,9 +110,12 @@ def _association_failure(node: ServerNode, assoc: Association) -> Exception:
                 f"Check that the server knows our AE title and that its AE title is right."
             )
         return PacsBusy(f"{where} rejected the association for now: {reason_text}")
-    if assoc.is_aborted:
-        return AssociationError(f"{where} aborted the association during negotiation")
-    return AssociationError(f"{where} did not answer (connection refused or timed out)")
+    # pynetdicom reports a refused TCP connection as an abort too: tell the two apart.
+    try:
+        socket.create_connection((node.host, node.port), timeout=2).close()
+    except OSError as exc:
+        return AssociationError(f"{where} did not answer ({exc.strerror or exc})")
+    return AssociationError(f"{where} aborted the association during negotiation")
 
 
 def check_status(node: ServerNode, operation: str, status: Dataset | None) -> int:

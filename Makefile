@@ -1,0 +1,40 @@
+# ADIT on Prefect. `make demo` runs the main job on embedded defaults; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := orthanc orthanc-dicomweb dcmtk
+
+.PHONY: install system-packages demo test lint bench clean
+
+install: system-packages $(VENV)/.installed
+
+# Debian packages for the local PACS servers (demo, tests, benchmarks); installed when missing.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python -m deployments.demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/retrieve.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache
