@@ -20,10 +20,10 @@ from pydicom.data import get_testdata_file
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from adit_tasks.association import Connection  # noqa: E402
-from adit_tasks.config import Settings, load_settings  # noqa: E402
-from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port  # noqa: E402
-from adit_tasks.lab.synthetic import (  # noqa: E402
+from adit_tasks.association import Connection
+from adit_tasks.config import Settings, load_settings
+from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
+from adit_tasks.lab.synthetic import (
     StudySpec,
     ct_study_spec,
     demo_specs,

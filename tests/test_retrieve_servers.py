@@ -46,17 +46,7 @@ def test_two_c_moves_at_once_to_one_receiver(lab, server) -> None:
     settings = lab.settings()
     conn = lab.connection(server, settings)
     studies = [lab.ct.study_uid, lab.demo[0].study_uid]
-    results: dict[str, set[str]] = {}
     errors: list[BaseException] = []
-
-    def run(uid: str) -> None:
-        try:
-            results[uid] = {i.study_uid for i in retrieve_study(settings, conn, uid,
-                                                                method="c-move")}
-            results[uid + "#n"] = {str(n) for n in [sum(1 for _ in [])]}
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
     counts: dict[str, int] = {}
 
     def run_counting(uid: str) -> None:
