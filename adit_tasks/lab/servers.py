@@ -118,7 +118,7 @@ class _Process:
 
     def __init__(self, name: str, workdir: Path, log_name: str) -> None:
         self.name = name
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.log_path = self.workdir / log_name
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -1,0 +1,109 @@
+"""`make demo`: the main job on embedded defaults, the way a new user would try it.
+
+Starts two local Orthanc PACS servers on loopback (the source with DICOMweb), fills the source
+with generated studies, writes `.demo/nodes.yaml` for them, and then runs the `adit` commands a
+user would type: list nodes, echo, query, and transfers (to a folder and PACS to PACS) as
+Prefect flow runs. The servers keep running afterwards so you can try more commands;
+`python -m deployments.demo --stop` stops them (by the PIDs recorded in `.demo/pids`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from adit_tasks.lab.servers import OrthancServer, Peer, free_port
+from adit_tasks.lab.synthetic import ct_study_spec, demo_specs, write_study
+
+DEMO_DIR = Path(".demo")
+PIDS = DEMO_DIR / "pids.json"
+
+
+def stop_previous() -> None:
+    """Stop the servers a previous demo started (only those PIDs)."""
+    if not PIDS.exists():
+        return
+    for pid in json.loads(PIDS.read_text()):
+        try:
+            os.killpg(pid, signal.SIGTERM)  # each server runs in its own session: pgid == pid
+            print(f"stopped demo server (pid {pid})")
+        except ProcessLookupError:
+            pass
+    PIDS.unlink()
+    time.sleep(0.5)
+
+
+def adit(*args: str) -> int:
+    """Run an `adit` command as a user would, showing the command line."""
+    print(f"\n$ adit {shlex.join(args)}", flush=True)
+    env = {**os.environ, "ADIT_NODES_FILE": str(DEMO_DIR / "nodes.yaml")}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env).returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stop", action="store_true", help="stop the demo servers and exit")
+    args = parser.parse_args()
+    stop_previous()
+    if args.stop:
+        return
+    DEMO_DIR.mkdir(exist_ok=True)
+    receiver_port = free_port()
+    adit_peer = Peer("ADIT", "127.0.0.1", receiver_port)
+    source = OrthancServer(DEMO_DIR / "pacs1", ae_title="PACS1", dicomweb=True, peers=[adit_peer])
+    research = OrthancServer(DEMO_DIR / "pacs2", ae_title="PACS2", dicomweb=False,
+                             peers=[adit_peer])
+    for server in (source, research):
+        server.start()
+    PIDS.write_text(json.dumps([s.proc.pid for s in (source, research) if s.proc]))
+
+    specs = demo_specs(n_patients=4, seed=1) + [ct_study_spec(150)]
+    files = [p for spec in specs for p in write_study(spec, DEMO_DIR / "generated")]
+    source.upload(files)
+    print(f"Started two Orthanc PACS on loopback: pacs1 (DICOM {source.dicom_port}, "
+          f"web {source.url}) with {len(specs)} generated studies, and pacs2 (DICOM "
+          f"{research.dicom_port}, web {research.url}).")
+
+    nodes = {
+        "ae_title": "ADIT",
+        "receiver_port": receiver_port,
+        "nodes": [
+            {"name": "pacs1", "ae_title": "PACS1", "host": "127.0.0.1",
+             "port": source.dicom_port, "dicomweb_url": source.dicomweb_url,
+             "retrieve": ["c-get", "c-move", "wado-rs"], "max_associations": 2},
+            {"name": "pacs2", "ae_title": "PACS2", "host": "127.0.0.1",
+             "port": research.dicom_port, "max_associations": 2},
+            {"name": "downloads", "path": str((DEMO_DIR / "downloads").resolve())},
+        ],
+    }
+    (DEMO_DIR / "nodes.yaml").write_text(yaml.safe_dump(nodes, sort_keys=False))
+
+    ct = specs[-1]
+    failures = 0
+    failures += adit("nodes") != 0
+    failures += adit("echo", "pacs1") != 0
+    failures += adit("query", "pacs1", "--study-date", "2018-01-01-2030-12-31") != 0
+    failures += adit("query", "pacs1", "--patient-id", ct.patient_id, "--level", "series") != 0
+    failures += adit("transfer", "--source", "pacs1", "--destination", "downloads",
+                     "--study", ct.study_uid, "--study", specs[0].study_uid) != 0
+    failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
+                     "--study", ct.study_uid, "--method", "c-move") != 0
+    written = len(list((DEMO_DIR / "downloads").rglob("*.dcm")))
+    print(f"\nDemo done: {written} files in {DEMO_DIR / 'downloads'}, "
+          f"{research.instance_count()} instances on pacs2 ({research.url}).")
+    print(f"Try more:  ADIT_NODES_FILE={DEMO_DIR}/nodes.yaml .venv/bin/adit --help")
+    print("Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
