@@ -66,7 +66,7 @@ def main() -> None:
         server.start()
     PIDS.write_text(json.dumps([s.proc.pid for s in (source, research) if s.proc]))
 
-    specs = demo_specs(n_patients=4, seed=1) + [ct_study_spec(150)]
+    specs = [*demo_specs(n_patients=4, seed=1), ct_study_spec(150)]
     files = [p for spec in specs for p in write_study(spec, DEMO_DIR / "generated")]
     source.upload(files)
     print(f"Started two Orthanc PACS on loopback: pacs1 (DICOM {source.dicom_port}, "
