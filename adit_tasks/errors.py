@@ -26,7 +26,7 @@ class PermanentError(AditError):
 
 
 class AssociationError(RetriableError):
-    """The server could not be reached, refused the association transiently, or aborted it."""
+    """The server could not be reached, or aborted the association."""
 
 
 class DimseTimeout(RetriableError):
@@ -34,7 +34,7 @@ class DimseTimeout(RetriableError):
 
 
 class PacsBusy(RetriableError):
-    """The server answered 'out of resources' or similar: it is alive but overloaded."""
+    """The server is alive but overloaded: 'out of resources', or a transient rejection."""
 
 
 class IncompleteRetrieval(RetriableError):

@@ -171,7 +171,10 @@ def get_study(
             try:
                 put(instance)
             except StreamClosed:
-                event.assoc.abort()  # the consumer is gone: stop the PACS sending more
+                # The consumer is gone: stop the PACS sending more. Without the zero timeout
+                # pynetdicom would wait a full DIMSE timeout for a message after the abort.
+                event.assoc.dimse_timeout = 0
+                event.assoc.abort()
                 raise
             received += 1
             return 0x0000

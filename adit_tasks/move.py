@@ -9,6 +9,7 @@ response arrives every instance of this retrieval is in the stream.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 
 from pynetdicom import build_context
@@ -22,7 +23,7 @@ from adit_tasks.get import (
     check_retrieve_status,
     retrieve_identifier,
 )
-from adit_tasks.instances import DicomInstance, InstanceStream
+from adit_tasks.instances import DicomInstance, InstanceStream, StreamClosed
 from adit_tasks.receiver import Receiver
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,16 @@ def move_study(
 
     def produce(put: Callable[[DicomInstance], None]) -> None:
         total = SubOperations()
-        with receiver.route(study_uid, frozenset(series), put) as (msg_id, route), \
+        consumer_gone = threading.Event()
+
+        def put_or_flag(instance: DicomInstance) -> None:
+            try:
+                put(instance)
+            except StreamClosed:
+                consumer_gone.set()
+                raise
+
+        with receiver.route(study_uid, frozenset(series), put_or_flag) as (msg_id, route), \
                 conn.associate([build_context(model)]) as assoc:
             for series_uid in series or [""]:
                 subops = SubOperations()
@@ -49,6 +59,9 @@ def move_study(
                 responses = assoc.send_c_move(identifier, receiver.ae_title, model,
                                               msg_id=msg_id)
                 for status, _ in responses:
+                    if consumer_gone.is_set():
+                        # Leaving the `with` aborts the association: the PACS stops sending.
+                        raise StreamClosed("the consumer stopped reading")
                     if status:
                         subops.update(status)
                     check_retrieve_status(conn, "C-MOVE", status, route.received, subops)
