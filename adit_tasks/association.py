@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SlotFactory = Callable[[ServerNode], AbstractContextManager[object]]
 
-_local_semaphores: dict[str, threading.BoundedSemaphore] = {}
+_local_semaphores: dict[str, threading.BoundedSemaphore] = {}  # by node and limit
 _local_lock = threading.Lock()
 
 
@@ -44,7 +44,8 @@ def local_slot(node: ServerNode) -> Iterator[None]:
     """A process-local `max_associations` slot, for callers without a Prefect server."""
     with _local_lock:
         sem = _local_semaphores.setdefault(
-            node.limit_name, threading.BoundedSemaphore(node.max_associations)
+            f"{node.limit_name}/{node.max_associations}",
+            threading.BoundedSemaphore(node.max_associations),
         )
     with sem:
         yield
