@@ -69,6 +69,8 @@ class ServerNode(_Strict):
     store: bool = True  # accepts C-STORE (or STOW-RS)
     query_root: Literal["study", "patient"] = "study"
     max_associations: int = Field(default=2, ge=1, le=64)
+    # Private creators whose blocks carry no identifying data and survive pseudonymization.
+    safe_private_creators: list[str] = Field(default_factory=list)
     timeout: float = Field(default=60.0, gt=0, description="network/DIMSE timeout in seconds")
 
     @field_validator("ae_title")

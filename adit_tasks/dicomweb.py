@@ -113,3 +113,82 @@ def wado_study(
                 http.close()
 
     return InstanceStream(produce, name=f"wado-{node.name}")
+
+
+def qido_instance_uids(node: ServerNode, study_uid: str, *, slot: SlotFactory = local_slot,
+                       client: httpx.Client | None = None) -> set[str]:
+    """SOPInstanceUIDs a DICOMweb server holds for a study (QIDO-RS); empty if none."""
+    if not node.dicomweb_url:
+        raise NotSupported(f"node '{node.name}' has no dicomweb_url for QIDO-RS")
+    http = client or httpx.Client(timeout=httpx.Timeout(node.timeout))
+    try:
+        with slot(node):
+            response = http.get(f"{node.dicomweb_url}/studies/{study_uid}/instances",
+                                headers={"Accept": "application/dicom+json"})
+    except httpx.TransportError as exc:
+        raise AssociationError(f"{node.name}: QIDO-RS failed: {exc}") from exc
+    finally:
+        if client is None:
+            http.close()
+    if response.status_code in (204, 404):
+        return set()
+    _raise_for_status(node, response, "QIDO-RS instances")
+    return {item["00080018"]["Value"][0] for item in response.json() if "00080018" in item}
+
+
+STOW_BATCH_BYTES = 64 * 1024 * 1024  # per request: bounded memory, few round trips
+
+
+def stow_instances(node: ServerNode, instances: Iterable[DicomInstance], *,
+                   slot: SlotFactory = local_slot,
+                   client: httpx.Client | None = None) -> list[str]:
+    """STOW-RS the instances in batches; returns the SOPInstanceUIDs the server accepted."""
+    if not node.dicomweb_url:
+        raise NotSupported(f"node '{node.name}' has no dicomweb_url for STOW-RS")
+    boundary = "adit-stow-boundary-7f3a"
+    stored: list[str] = []
+    http = client or httpx.Client(timeout=httpx.Timeout(node.timeout))
+
+    def send(batch: list[DicomInstance]) -> None:
+        body = bytearray()
+        for instance in batch:
+            body += (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+            body += instance.data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        try:
+            response = http.post(f"{node.dicomweb_url}/studies", content=bytes(body),
+                                 headers={"Content-Type": content_type,
+                                          "Accept": "application/dicom+json"})
+        except httpx.TransportError as exc:
+            raise AssociationError(f"{node.name}: STOW-RS failed: {exc}") from exc
+        _raise_for_status(node, response, "STOW-RS")
+        failed = _stow_failures(response)
+        stored.extend(i.sop_instance_uid for i in batch if i.sop_instance_uid not in failed)
+
+    try:
+        with slot(node):
+            batch: list[DicomInstance] = []
+            size = 0
+            for instance in instances:
+                batch.append(instance)
+                size += len(instance.data)
+                if size >= STOW_BATCH_BYTES:
+                    send(batch)
+                    batch, size = [], 0
+            if batch:
+                send(batch)
+    finally:
+        if client is None:
+            http.close()
+    return stored
+
+
+def _stow_failures(response: httpx.Response) -> set[str]:
+    """SOPInstanceUIDs listed in the FailedSOPSequence (0008,1198) of a STOW-RS response."""
+    try:
+        body = response.json()
+    except ValueError:
+        return set()
+    failed = body.get("00081198", {}).get("Value", []) if isinstance(body, dict) else []
+    return {item.get("00081155", {}).get("Value", [""])[0] for item in failed}

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
@@ -22,10 +23,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from adit_tasks import find
+from adit_tasks.archive import ArchiveWriter
 from adit_tasks.association import Connection
-from adit_tasks.config import RetrieveMethod, ServerNode, Settings
-from adit_tasks.errors import is_retriable
-from adit_tasks.transfer import StudyOutcome, transfer_study
+from adit_tasks.config import FolderNode, RetrieveMethod, ServerNode, Settings
+from adit_tasks.errors import ConfigError, NotSupported, is_retriable
+from adit_tasks.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
+from adit_tasks.transfer import Pseudonymization, StudyOutcome, transfer_study
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +90,33 @@ def find_studies_task(settings: Settings, node_name: str, query: find.Query) -> 
     return find.find_studies(connection(settings, settings.server(node_name)), query)
 
 
-@task(name="transfer-study")
+@task(name="transfer-study", cache_policy=NO_CACHE)
 def transfer_study_task(
     settings: Settings,
     source: str,
-    destination: str,
+    sink: Sink,
     study_uid: str,
     series_uids: tuple[str, ...] = (),
+    pseudonymization: Pseudonymization | None = None,
     method: RetrieveMethod | None = None,
 ) -> StudyOutcome:
-    """Transfer one study; a Prefect task run per study, so retries and limits are per study."""
-    dest = settings.node(destination)
-    dest_conn = connection(settings, dest) if isinstance(dest, ServerNode) else None
-    return transfer_study(settings, connection(settings, settings.server(source)), dest,
-                          dest_conn, study_uid, series_uids, method=method)
+    """Transfer one study; a Prefect task run per study, so retries and limits are per study.
+
+    Runs in the flow's process (thread task runner): the sink may be shared (an archive).
+    """
+    return transfer_study(settings, connection(settings, settings.server(source)), sink,
+                          study_uid, series_uids, pseudonymization=pseudonymization,
+                          method=method)
+
+
+def make_sink(settings: Settings, destination: str, archive: ArchiveWriter | None = None) -> Sink:
+    """The sink for a destination node: C-STORE or STOW-RS server, folder, or archive."""
+    node = settings.node(destination)
+    if isinstance(node, FolderNode):
+        return ArchiveSink(archive) if archive else FolderSink(node.path)
+    if archive:
+        raise ConfigError(f"archives are written to folder nodes; '{destination}' is a server")
+    if not node.store:
+        raise NotSupported(f"node '{destination}' does not accept instances (store: false)")
+    conn = connection(settings, node)
+    return ServerSink(conn) if node.has_dimse else DicomWebSink(conn)

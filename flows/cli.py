@@ -144,10 +144,29 @@ def transfer(
     destination: Annotated[str, typer.Option(help="destination server or folder node")],
     study: Annotated[list[str], typer.Option(help="StudyInstanceUID (repeatable)")],
     series: Annotated[list[str] | None, typer.Option(help="SeriesInstanceUID (repeatable)")] = None,
+    pseudonymize: Annotated[bool, typer.Option(help="pseudonymize (PS3.15 basic profile)")] = False,
+    pseudonym: Annotated[str, typer.Option(help="pseudonym for PatientID/Name (implies "
+                                                "--pseudonymize)")] = "",
+    trial_id: Annotated[str, typer.Option(help="ClinicalTrialProtocolID")] = "",
+    trial_name: Annotated[str, typer.Option(help="ClinicalTrialProtocolName")] = "",
+    dates: Annotated[str, typer.Option(help="shift, keep or remove dates when pseudonymizing")]
+    = "shift",
+    keep_patient_characteristics: Annotated[bool, typer.Option(
+        help="retain sex, age, size, weight")] = False,
+    keep_device_identity: Annotated[bool, typer.Option(help="retain device identity")] = False,
+    no_clean_descriptors: Annotated[bool, typer.Option(
+        help="remove descriptions instead of cleaning them")] = False,
+    allow_burned_in: Annotated[bool, typer.Option(
+        help="send images flagged with burned-in annotation")] = False,
+    archive: Annotated[bool, typer.Option(help="one encrypted 7-Zip archive in the destination "
+                                               "folder (password: ADIT_ARCHIVE_PASSWORD)")] = False,
+    compress: Annotated[bool, typer.Option(help="LZMA2 inside the archive (slower)")] = False,
     method: Annotated[str | None, typer.Option(help="c-get, c-move or wado-rs")] = None,
     nodes_file: NodesFile = None,
 ) -> None:
-    """Transfer studies from a server to a server or a folder (a Prefect flow run)."""
+    """Transfer studies from a server to a server, a folder or an archive (a Prefect flow run)."""
+    import os
+
     settings = _settings(nodes_file)
     try:
         settings.server(source)
@@ -156,6 +175,8 @@ def transfer(
         raise _fail(str(exc), 2) from None
     if method not in (None, "c-get", "c-move", "wado-rs"):
         raise _fail("--method must be c-get, c-move or wado-rs", 2)
+    if dates not in ("shift", "keep", "remove"):
+        raise _fail("--dates must be shift, keep or remove", 2)
     from adit_tasks.find import validate_uid
 
     try:
@@ -163,20 +184,42 @@ def transfer(
             validate_uid(uid)
     except InvalidInput as exc:
         raise _fail(str(exc), 2) from None
+    if (pseudonymize or pseudonym) and not os.environ.get("ADIT_PSEUDONYM_SECRET"):
+        from adit_tasks.config import SecretSettings
+
+        if SecretSettings().pseudonym_secret is None:
+            raise _fail("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET", 2)
+    if archive and not os.environ.get("ADIT_ARCHIVE_PASSWORD"):
+        from adit_tasks.config import SecretSettings
+
+        if SecretSettings().archive_password is None:
+            if not sys.stdin.isatty():
+                raise _fail("--archive needs a password: set ADIT_ARCHIVE_PASSWORD", 2)
+            # Into this process's environment only: the flow reads it there, and it never
+            # becomes a flow parameter (parameters are stored and shown by Prefect).
+            os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
+                "Archive password", hide_input=True, confirmation_prompt=True)
     from flows.runtime import use_running_server
 
     use_running_server()
     from flows.transfer import transfer_flow
 
-    state = transfer_flow(source, destination, study, series or None, method,
-                          str(settings.nodes_file), return_state=True)
+    state = transfer_flow(
+        source, destination, study, series or None, pseudonymize=pseudonymize,
+        pseudonym=pseudonym, trial_id=trial_id, trial_name=trial_name, dates=dates,
+        retain_patient_characteristics=keep_patient_characteristics,
+        retain_device_identity=keep_device_identity,
+        clean_descriptors=not no_clean_descriptors, allow_burned_in=allow_burned_in,
+        archive=archive, compress=compress, method=method,
+        nodes_file=str(settings.nodes_file), return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, BaseException):
         code = 2 if isinstance(rows, PermanentError | ValueError) else 1
         raise _fail(str(rows), code)
     for row in rows:
-        typer.echo(f"study {row['study']}: {row['status']}  {row['transferred']}/"
-                   f"{row['expected']} instances  {row['message']}")
+        counts = (f"{row.get('transferred', 0)}/{row.get('expected')} instances"
+                  if "expected" in row else "")
+        typer.echo(f"study {row['study']}: {row['status']}  {counts}  {row['message']}")
     if any(r["status"] == "failure" for r in rows):
         raise typer.Exit(1)
 

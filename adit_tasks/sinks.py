@@ -1,0 +1,122 @@
+"""Where a study goes: a DICOM server (C-STORE or STOW-RS), a folder, or an encrypted archive.
+
+Every sink answers two questions the same way, so a transfer can skip what is already there
+and verify what arrived: `present(study)` lists the SOPInstanceUIDs the destination holds for
+that study, and `write(study, instances)` stores a stream of instances.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import dcmread
+
+from adit_tasks.archive import ArchiveWriter
+from adit_tasks.association import Connection
+from adit_tasks.dicomweb import qido_instance_uids, stow_instances
+from adit_tasks.find import manifest
+from adit_tasks.folder import safe_component, write_atomically
+from adit_tasks.instances import DicomInstance
+from adit_tasks.store import StoreResult, store_instances
+
+
+@dataclass(frozen=True)
+class StudyTarget:
+    """A study as the destination will hold it (pseudonymized UIDs and names if so).
+
+    `folder` is the study's relative folder (`<patient>/<study>`) in folder and archive sinks;
+    `pseudonymized` switches series folders to series number + modality (no free text).
+    """
+
+    study_uid: str
+    folder: Path
+    pseudonymized: bool
+
+
+class Sink(Protocol):
+    def present(self, study: StudyTarget) -> set[str]: ...
+
+    def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult: ...
+
+
+def series_folder(instance: DicomInstance, pseudonymized: bool) -> str:
+    """`<SeriesNumber>-<SeriesDescription>`, or `<SeriesNumber>-<Modality>` when pseudonymized."""
+    ds = dcmread(io.BytesIO(instance.data), stop_before_pixels=True,
+                 specific_tags=["SeriesNumber", "SeriesDescription", "Modality"])
+    number = safe_component(str(ds.get("SeriesNumber", "")), "0")
+    if pseudonymized:
+        return f"{number}-{safe_component(str(ds.get('Modality', '')), 'OT')}"
+    return f"{number}-{safe_component(str(ds.get('SeriesDescription', '')), 'series')}"
+
+
+def instance_path(study: StudyTarget, instance: DicomInstance) -> Path:
+    return (study.folder / series_folder(instance, study.pseudonymized)
+            / f"{instance.sop_instance_uid}.dcm")
+
+
+class ServerSink:
+    """A DICOM server by C-STORE; presence is checked with an image-level C-FIND."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def present(self, study: StudyTarget) -> set[str]:
+        if not self.conn.node.find:
+            return set()
+        return set(manifest(self.conn, study.study_uid).instances)
+
+    def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
+        return store_instances(self.conn, instances)
+
+
+class DicomWebSink:
+    """A DICOMweb server by STOW-RS; presence is checked with QIDO-RS."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def present(self, study: StudyTarget) -> set[str]:
+        return qido_instance_uids(self.conn.node, study.study_uid, slot=self.conn.slot)
+
+    def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
+        return StoreResult(stored=stow_instances(self.conn.node, instances, slot=self.conn.slot))
+
+
+class FolderSink:
+    """One file per instance in a readable tree; a file exists only once complete."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def present(self, study: StudyTarget) -> set[str]:
+        folder = self.root / study.folder
+        return {p.stem for p in folder.glob("*/*.dcm")} if folder.is_dir() else set()
+
+    def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
+        result = StoreResult()
+        for instance in instances:
+            write_atomically(self.root / instance_path(study, instance), instance.data)
+            result.stored.append(instance.sop_instance_uid)
+        return result
+
+
+class ArchiveSink:
+    """Files in an encrypted 7-Zip archive shared by all studies of one transfer job."""
+
+    def __init__(self, writer: ArchiveWriter) -> None:
+        self.writer = writer
+
+    def present(self, study: StudyTarget) -> set[str]:
+        prefix = study.folder.as_posix() + "/"
+        return {Path(n).stem for n in self.writer.names() if n.startswith(prefix)}
+
+    def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
+        result = StoreResult()
+        for instance in instances:
+            self.writer.add(instance_path(study, instance).as_posix(), instance.data)
+            result.stored.append(instance.sop_instance_uid)
+        return result
