@@ -24,9 +24,11 @@ from adit_tasks.association import Connection
 from adit_tasks.config import Settings, load_settings
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import (
+    SeriesSpec,
     StudySpec,
     ct_study_spec,
     demo_specs,
+    make_study,
     uid_for,
     write_study,
 )
@@ -47,6 +49,7 @@ class Lab:
     ct_files: list[Path]
     demo: list[StudySpec]
     samples: list[Path]
+    burned_in: StudySpec  # one of its instances is flagged BurnedInAnnotation = YES
     nodes_file: Path
 
     def settings(self, **overrides: object) -> Settings:
@@ -98,6 +101,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         target = root / "samples" / name
         ds.save_as(target, enforce_file_format=True)
         samples.append(target)
+    burned_in = StudySpec("BURN0001", "Brenner^Anna", "19800101", "20230101", "090000",
+                          "ACCBURN1", "US Abdomen", (SeriesSpec("CT", "screens", 1, 4, 32, 32),))
+    burned_files = []
+    for i, ds in enumerate(make_study(burned_in)):
+        ds.BurnedInAnnotation = "YES" if i == 0 else "NO"
+        path = root / "burned" / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        burned_files.append(path)
     o1 = OrthancServer(root / "orthanc1", ae_title="ORTHANC1", dicomweb=True, peers=[adit])
     o2 = OrthancServer(root / "orthanc2", ae_title="ORTHANC2", dicomweb=False, peers=[adit])
     dq = DcmqrscpServer(root / "dcmqrscp", ae_title="DCMQR", peers=[adit])
@@ -106,11 +118,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for server in (o1, o2, dq):
             server.start()
             started.append(server)
-        o1.upload([*ct_files, *demo_files, *samples])
+        o1.upload([*ct_files, *demo_files, *samples, *burned_files])
         dq.load([*ct_files, *demo_files])  # dcmqrscp cannot serve compressed files (see lab)
         nodes_file = root / "nodes.yaml"
         write_nodes_file(nodes_file, receiver_port, o1, o2, dq, root / "downloads")
-        yield Lab(root, receiver_port, o1, o2, dq, ct, ct_files, demo, samples, nodes_file)
+        yield Lab(root, receiver_port, o1, o2, dq, ct, ct_files, demo, samples, burned_in,
+                  nodes_file)
     finally:
         for server in started:
             server.stop()
