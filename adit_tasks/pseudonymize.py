@@ -9,15 +9,22 @@ What happens to one instance:
   Z empty, D dummy, K keep, C clean, U new UID), or the action of an option column when that
   option is on. Where the standard allows a choice by IOD type (X/Z, Z/D, X/Z/D ...) we take the
   choice that keeps Type 1 and 2 attributes present: D where D is allowed, else Z.
-- Every UID that is not a well-known class or transfer syntax UID is replaced by a keyed hash
-  (`2.25.<decimal>`), table row or not, so references between instances stay valid and the same
-  input gives the same output in every run with the same secret.
+- Attributes the table does not list: person names get a dummy, long free text (LT, ST, UT,
+  UC) is cleaned (removed without the Clean Descriptors Option), short strings (LO, SH) other
+  than code values are cleaned; everything else is kept.
+- Every UID that is not a SOP class or transfer syntax UID is replaced by a keyed hash
+  (`2.25.<decimal>`), table row or not (unless an active option keeps it, as Retain Device
+  Identity keeps DeviceUID), so references between instances stay valid and the same input
+  gives the same output in every run with the same secret.
 - Private elements are removed, unless their private creator is listed as safe.
 - File meta is rebuilt: class, new instance UID, transfer syntax; nothing else survives.
-- "Clean" free text (Clean Descriptors Option) removes every identifying value the profile
-  takes out of this same data set (names and their parts, IDs, dates, institutions ...).
-  Text we cannot check against such a value is not guessed at: without the option it is removed.
-- Dates are kept, shifted by a per-patient offset (keyed), or removed, by option.
+- "Clean" free text removes every identifying value the profile takes out of this same data set
+  (names and their parts, IDs, institutions, private text, and dates unless they are kept), in
+  the spellings free text uses (any case, ß/ss, ö/oe, without diacritics, several date
+  formats), repeatedly until nothing matches. A name that appears nowhere in the data set's
+  identifying attributes cannot be recognised: that is the limit of cleaning without NLP.
+- Dates are kept, shifted by a per-patient offset (keyed), or removed, by option; only the date
+  options decide about DA/DT attributes.
 - PatientIdentityRemoved = YES and DeidentificationMethodCodeSequence (CID 7050) declare what
   was done; trial attributes are set after cleaning.
 - Pixel data is never touched. An image flagged BurnedInAnnotation = YES is refused unless the
@@ -32,6 +39,7 @@ import hashlib
 import hmac
 import io
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -53,6 +61,10 @@ DateHandling = Literal["shift", "keep", "remove"]
 _STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
                "UC", "UR", "UT"}
 _TEXT_VRS = {"LO", "LT", "SH", "ST", "UC", "UT", "PN"}
+_LONG_TEXT_VRS = {"LT", "ST", "UT", "UC"}
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+# Code Value, Coding Scheme Designator/Version, Long Code Value: codes, not free text.
+_CODED_VALUES = {0x00080100, 0x00080102, 0x00080103, 0x00080119}
 _DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000Y",
           "DS": "0", "IS": "0", "UI": "2.25.0"}
 _DUMMY_TEXT = "ANONYMIZED"
@@ -184,16 +196,33 @@ class Pseudonymizer:
             columns.append("rtn_dev_id_opt")
         return columns
 
-    def _action(self, tag: BaseTag) -> str:
+    def _action(self, tag: BaseTag, vr: str) -> tuple[str, bool]:
+        """(action, listed): the action for an element, and whether the table lists it."""
         rule = _rule_for(tag)
         if rule is None:
-            return "K"
-        actions = {rule.options[c] for c in self._active if c in rule.options}
+            return self._unlisted_action(tag, vr), False
+        columns = self._active
+        if vr in ("DA", "DT") and self.options.dates != "keep":
+            # Only the date options decide about dates: retaining device identity must not
+            # bring back real calibration dates when dates are shifted or removed.
+            columns = [c for c in columns if "dates" in c]
+        actions = {rule.options[c] for c in columns if c in rule.options}
         # When two options disagree the cleaner action wins.
         for preferred in ("C", "K"):
             if preferred in actions:
-                return preferred
-        return _choose(rule.basic)
+                return preferred, True
+        return _choose(rule.basic), True
+
+    def _unlisted_action(self, tag: BaseTag, vr: str) -> str:
+        """Attributes the table does not list: names are replaced, free text is cleaned (or
+        removed without the Clean Descriptors Option), short strings are cleaned."""
+        if vr == "PN":
+            return "D"
+        if vr in _LONG_TEXT_VRS:
+            return "C" if self.options.clean_descriptors else "X"
+        if vr in ("LO", "SH") and int(tag) not in _CODED_VALUES:
+            return "C"
+        return "K"
 
     def pseudonymize(self, instance: DicomInstance, pseudonym: str | None = None) -> DicomInstance:
         """The pseudonymized copy of one instance, in its original transfer syntax."""
@@ -229,9 +258,12 @@ class Pseudonymizer:
                         tag.is_private_creator and (tag.group, tag.element) in creators_kept):
                     del ds[tag]
                 continue
-            action = self._action(tag)
-            if elem.VR == "UI" and action not in ("X", "Z"):
-                self._replace_uids(elem)
+            action, listed = self._action(tag, elem.VR)
+            if elem.VR == "UI":
+                if action not in ("X", "Z") and not (listed and action == "K"):
+                    self._replace_uids(elem)  # K: an option keeps it (e.g. device UIDs)
+                elif action in ("X", "Z"):
+                    self._apply(ds, elem, action, context)
                 continue
             self._apply(ds, elem, action, context)
 
@@ -255,9 +287,12 @@ class Pseudonymizer:
                 for item in elem.value:
                     self._clean(item, context)
         elif action == "D":
-            elem.value = _DUMMY.get(elem.VR, _DUMMY_TEXT) if elem.VR in _STRING_VRS else elem.value
-            if elem.VR not in _STRING_VRS:
-                del ds[tag]
+            if elem.VR in _STRING_VRS:
+                elem.value = _DUMMY.get(elem.VR, _DUMMY_TEXT)
+            elif elem.VR in _BINARY_VRS:
+                elem.value = b"\0\0"  # present, even length, meaningless
+            else:
+                elem.value = 0  # numbers
         elif action == "C":
             self._clean_value(ds, elem, context)
         # K: keep as it is.
@@ -274,6 +309,8 @@ class Pseudonymizer:
             elem.value = cleaned
 
     def _replace_uids(self, elem: DataElement) -> None:
+        if "SOPClassUID" in elem.keyword or elem.keyword == "TransferSyntaxUID":
+            return  # SOP classes, including private ones a receiver must still recognise
         values = elem.value if elem.VM > 1 else [elem.value]
         new = [v if _is_well_known(str(v)) else self.uid(str(v)) for v in values if v]
         elem.value = new if elem.VM > 1 else (new[0] if new else "")
@@ -325,7 +362,7 @@ class Pseudonymizer:
 
 @dataclass
 class _Context:
-    identifiers: list[str]
+    identifiers: re.Pattern[str] | None
     date_offset: int
 
 
@@ -351,10 +388,12 @@ def _shift(value: object, vr: str, days: int) -> object:
     return [one(v) for v in value]  # type: ignore[union-attr]
 
 
-def _identifying_values(ds: Dataset, pseudonymizer: Pseudonymizer) -> list[str]:
-    """Every text value that the profile removes or replaces anywhere in `ds`, with the parts
-    of names and the usual spellings of dates, longest first (so scrubbing is greedy)."""
+def _identifying_values(ds: Dataset, pseudonymizer: Pseudonymizer) -> re.Pattern[str] | None:
+    """A pattern matching every identifying value of `ds` in the spellings free text may use:
+    whatever the profile removes or replaces (names and their parts, IDs, institutions ...),
+    every private text value, and every date unless dates are kept as they are."""
     found: set[str] = set()
+    keep_dates = pseudonymizer.options.dates == "keep"
 
     def walk(d: Dataset) -> None:
         for elem in d:
@@ -362,20 +401,38 @@ def _identifying_values(ds: Dataset, pseudonymizer: Pseudonymizer) -> list[str]:
                 for item in elem.value:
                     walk(item)
                 continue
+            if not elem.value:
+                continue
             if elem.tag.is_private:
-                if elem.VR in _TEXT_VRS | {"DA", "UN"} and elem.value:
+                if elem.VR in _TEXT_VRS | {"UN"}:
                     _add_value(found, elem.VR, elem.value)
                 continue
-            if elem.VR not in _STRING_VRS or not elem.value:
+            if elem.VR in ("DA", "DT"):
+                if not keep_dates or elem.tag == 0x00100030:  # birth date: never kept
+                    _add_value(found, "DA", elem.value)
                 continue
-            action = pseudonymizer._action(elem.tag)
-            if action in ("X", "Z", "D") or (action == "C" and elem.VR in _TEXT_VRS):
-                if action == "C" and elem.VR not in ("PN",):
-                    continue  # descriptors themselves are cleaned, not used as identifiers
+            if elem.VR not in _STRING_VRS:
+                continue
+            action, _ = pseudonymizer._action(elem.tag, elem.VR)
+            if elem.VR == "PN" or action in ("X", "Z", "D"):
                 _add_value(found, elem.VR, elem.value)
 
     walk(ds)
-    return sorted(found, key=len, reverse=True)
+    if not found:
+        return None
+    alternatives = sorted(found, key=len, reverse=True)
+    return re.compile("|".join(re.escape(a) for a in alternatives), re.IGNORECASE)
+
+
+def _spellings(text: str) -> set[str]:
+    """The ways a value may be written elsewhere: case-folded (ß -> ss), German
+    transliteration (ö -> oe), and without diacritics."""
+    german = text
+    for a, b in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("Ä", "Ae"), ("Ö", "Oe"), ("Ü", "Ue"),
+                 ("ß", "ss")):
+        german = german.replace(a, b)
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return {v for v in (text, text.casefold(), german, plain) if len(v) >= 3}
 
 
 def _add_value(found: set[str], vr: str, value: object) -> None:
@@ -386,23 +443,29 @@ def _add_value(found: set[str], vr: str, value: object) -> None:
         text = text.strip()
         if len(text) < 3:
             continue
-        found.add(text)
+        found.update(_spellings(text))
         if vr in ("PN", "UN", "LO"):
-            for part in re.split(r"[\^= ,]+", text):
+            for part in re.split(r"[\^=,\-\s]+", text):
                 if len(part) >= 3 and not part.endswith("."):
-                    found.add(part)
-        if vr == "DA" and re.fullmatch(r"\d{8}", text):
-            y, m, d = text[:4], text[4:6], text[6:]
-            found.update({f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}", f"{m}/{d}/{y}"})
+                    found.update(_spellings(part))
+        if vr == "DA" and re.fullmatch(r"\d{8}.*", text):
+            y, m, d = text[:4], text[4:6], text[6:8]
+            found.update({y + m + d, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
+                          f"{m}/{d}/{y}", f"{y}/{m}/{d}", f"{d}.{m}.{y[2:]}"})
 
 
-def _scrub(value: object, identifiers: list[str]) -> object:
+def _scrub(value: object, identifiers: re.Pattern[str] | None) -> object:
+    if identifiers is None:
+        return value
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         return [_scrub(v, identifiers) for v in value]  # type: ignore[union-attr]
     text = str(value)
-    for ident in identifiers:
-        if ident.casefold() in text.casefold():
-            text = re.sub(re.escape(ident), "", text, flags=re.IGNORECASE)
+    # Repeat: removing one value may join the pieces around it into another.
+    for _ in range(10):
+        cleaned = identifiers.sub(" ", text)
+        if cleaned == text:
+            break
+        text = cleaned
     return re.sub(r"\s{2,}", " ", text).strip(" ,;:^")
 
 

@@ -42,10 +42,14 @@ def stop_previous() -> None:
     time.sleep(0.5)
 
 
+# Demo-only secrets; real deployments set their own in the environment or Prefect Secret blocks.
+DEMO_ENV = {"ADIT_PSEUDONYM_SECRET": "demo-secret-change-me", "ADIT_ARCHIVE_PASSWORD": "demo"}
+
+
 def adit(*args: str) -> int:
     """Run an `adit` command as a user would, showing the command line."""
     print(f"\n$ adit {shlex.join(args)}", flush=True)
-    env = {**os.environ, "ADIT_NODES_FILE": str(DEMO_DIR / "nodes.yaml")}
+    env = {**os.environ, "ADIT_NODES_FILE": str(DEMO_DIR / "nodes.yaml"), **DEMO_ENV}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env).returncode
 
 
@@ -97,8 +101,23 @@ def main() -> None:
                      "--study", ct.study_uid, "--study", specs[0].study_uid) != 0
     failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
                      "--study", ct.study_uid, "--method", "c-move") != 0
+    print("\nPseudonymized (secret and archive password from ADIT_PSEUDONYM_SECRET and "
+          "ADIT_ARCHIVE_PASSWORD; the demo sets throwaway values):")
+    failures += adit("transfer", "--source", "pacs1", "--destination", "downloads",
+                     "--study", specs[1].study_uid, "--pseudonymize", "--trial-id", "DEMO",
+                     "--trial-name", "ADIT demo trial") != 0
+    failures += adit("transfer", "--source", "pacs1", "--destination", "downloads",
+                     "--study", ct.study_uid, "--study", specs[0].study_uid,
+                     "--pseudonymize", "--archive", "--trial-id", "DEMO") != 0
+    failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
+                     "--study", specs[2].study_uid, "--pseudonym", "SUBJECT-001") != 0
+    print("\nThe same pseudonymized transfer again: nothing is sent twice.")
+    failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
+                     "--study", specs[2].study_uid, "--pseudonym", "SUBJECT-001") != 0
     written = len(list((DEMO_DIR / "downloads").rglob("*.dcm")))
-    print(f"\nDemo done: {written} files in {DEMO_DIR / 'downloads'}, "
+    archives = [p.name for p in (DEMO_DIR / "downloads").glob("*.7z")]
+    print(f"\nDemo done: {written} files and the archive(s) {', '.join(archives)} in "
+          f"{DEMO_DIR / 'downloads'} (archive password: demo), "
           f"{research.instance_count()} instances on pacs2 ({research.url}).")
     print(f"Try more:  ADIT_NODES_FILE={DEMO_DIR}/nodes.yaml .venv/bin/adit --help")
     print("Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")
