@@ -49,6 +49,10 @@ class DicomInstance:
     transfer_syntax_uid: str
     study_uid: str
     series_uid: str
+    # For folder names, so writers need not parse the header again.
+    series_number: str = ""
+    modality: str = ""
+    series_description: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DicomInstance:
@@ -65,6 +69,9 @@ class DicomInstance:
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
             study_uid=str(ds.get("StudyInstanceUID", "")),
             series_uid=str(ds.get("SeriesInstanceUID", "")),
+            series_number=str(ds.get("SeriesNumber", "") or ""),
+            modality=str(ds.get("Modality", "") or ""),
+            series_description=str(ds.get("SeriesDescription", "") or ""),
         )
 
     @cached_property

@@ -159,6 +159,7 @@ class Pseudonymizer:
         self._key = secret.encode() if isinstance(secret, str) else secret
         self.options = options or PseudonymizationOptions()
         self._active = self._active_option_columns()
+        self._actions: dict[tuple[int, str], tuple[str, bool]] = {}  # per (tag, VR)
 
     # --- keyed derivations ------------------------------------------------------------------
 
@@ -198,6 +199,13 @@ class Pseudonymizer:
 
     def _action(self, tag: BaseTag, vr: str) -> tuple[str, bool]:
         """(action, listed): the action for an element, and whether the table lists it."""
+        key = (int(tag), vr)
+        cached = self._actions.get(key)
+        if cached is None:
+            cached = self._actions[key] = self._resolve_action(tag, vr)
+        return cached
+
+    def _resolve_action(self, tag: BaseTag, vr: str) -> tuple[str, bool]:
         rule = _rule_for(tag)
         if rule is None:
             return self._unlisted_action(tag, vr), False

@@ -7,13 +7,10 @@ that study, and `write(study, instances)` stores a stream of instances.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-from pydicom import dcmread
 
 from adit_tasks.archive import ArchiveWriter
 from adit_tasks.association import Connection
@@ -45,12 +42,10 @@ class Sink(Protocol):
 
 def series_folder(instance: DicomInstance, pseudonymized: bool) -> str:
     """`<SeriesNumber>-<SeriesDescription>`, or `<SeriesNumber>-<Modality>` when pseudonymized."""
-    ds = dcmread(io.BytesIO(instance.data), stop_before_pixels=True,
-                 specific_tags=["SeriesNumber", "SeriesDescription", "Modality"])
-    number = safe_component(str(ds.get("SeriesNumber", "")), "0")
+    number = safe_component(instance.series_number, "0")
     if pseudonymized:
-        return f"{number}-{safe_component(str(ds.get('Modality', '')), 'OT')}"
-    return f"{number}-{safe_component(str(ds.get('SeriesDescription', '')), 'series')}"
+        return f"{number}-{safe_component(instance.modality, 'OT')}"
+    return f"{number}-{safe_component(instance.series_description, 'series')}"
 
 
 def instance_path(study: StudyTarget, instance: DicomInstance) -> Path:

@@ -199,19 +199,21 @@ def transfer(
             # becomes a flow parameter (parameters are stored and shown by Prefect).
             os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
                 "Archive password", hide_input=True, confirmation_prompt=True)
+    from flows.options import TransferOptions
     from flows.runtime import use_running_server
 
-    use_running_server()
-    from flows.transfer import transfer_flow
-
-    state = transfer_flow(
-        source, destination, study, series or None, pseudonymize=pseudonymize,
-        pseudonym=pseudonym, trial_id=trial_id, trial_name=trial_name, dates=dates,
+    options = TransferOptions(
+        pseudonymize=pseudonymize, pseudonym=pseudonym, trial_id=trial_id,
+        trial_name=trial_name, dates=dates,
         retain_patient_characteristics=keep_patient_characteristics,
         retain_device_identity=keep_device_identity,
         clean_descriptors=not no_clean_descriptors, allow_burned_in=allow_burned_in,
-        archive=archive, compress=compress, method=method,
-        nodes_file=str(settings.nodes_file), return_state=True)
+        archive=archive, compress=compress)
+    use_running_server()
+    from flows.transfer import transfer_flow
+
+    state = transfer_flow(source, destination, study, series or None, options, method,
+                          str(settings.nodes_file), return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, BaseException):
         code = 2 if isinstance(rows, PermanentError | ValueError) else 1

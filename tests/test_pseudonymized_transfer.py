@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from adit_tasks import find
+from flows.options import TransferOptions as Options
 from flows.transfer import transfer_flow
 
 SECRET = "test-secret-do-not-use"
@@ -55,8 +56,8 @@ def assert_no_leak(values: list[str], blob: bytes, where: str) -> None:
 def test_pseudonymized_folder_has_no_original_value_anywhere(lab, prefect_server, tmp_path,
                                                              secrets):
     spec = max(lab.demo, key=lambda s: s.instance_count)
-    state = transfer_flow("orthanc1", "downloads", [spec.study_uid], pseudonymize=True,
-                          trial_id="TRIAL-7", trial_name="Lung Study",
+    state = transfer_flow("orthanc1", "downloads", [spec.study_uid],
+                          options=Options(trial_id="TRIAL-7", trial_name="Lung Study"),
                           nodes_file=nodes_file(lab, tmp_path), return_state=True)
     rows = state.result()
     assert rows[0]["status"] == "success", rows
@@ -82,8 +83,9 @@ def test_pseudonymized_pacs_to_pacs_then_rerun_transfers_nothing(lab, prefect_se
                                                                  tmp_path, secrets):
     spec = lab.demo[0]
     nodes = nodes_file(lab, tmp_path)
-    first = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid], pseudonym="SUBJ-001",
-                          method="c-move", nodes_file=nodes, return_state=True).result()
+    first = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid],
+                          options=Options(pseudonym="SUBJ-001"), method="c-move",
+                          nodes_file=nodes, return_state=True).result()
     assert first[0]["status"] == "success", first
     assert first[0]["transferred"] == spec.instance_count
     new_uid = first[0]["destination_study_uid"]
@@ -91,8 +93,9 @@ def test_pseudonymized_pacs_to_pacs_then_rerun_transfers_nothing(lab, prefect_se
     landed = find.manifest(lab.connection("orthanc2"), new_uid)
     assert len(landed) == spec.instance_count
     # Same job again: deterministic UIDs, so the destination is known to be complete.
-    again = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid], pseudonym="SUBJ-001",
-                          method="c-move", nodes_file=nodes, return_state=True).result()
+    again = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid],
+                          options=Options(pseudonym="SUBJ-001"), method="c-move",
+                          nodes_file=nodes, return_state=True).result()
     assert again[0]["transferred"] == 0
     assert again[0]["skipped"] == spec.instance_count
     assert again[0]["destination_study_uid"] == new_uid
@@ -103,7 +106,7 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
                                                           secrets):
     specs = lab.demo[:2]
     state = transfer_flow("orthanc1", "downloads", [s.study_uid for s in specs],
-                          pseudonymize=True, archive=True, trial_id="ARCH",
+                          options=Options(archive=True, trial_id="ARCH"),
                           nodes_file=nodes_file(lab, tmp_path), return_state=True)
     rows = state.result()
     assert [r["status"] for r in rows] == ["success", "success"]
@@ -132,16 +135,17 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
     assert first.PatientIdentityRemoved == "YES"
     # Re-running the same job finds the archive complete and does nothing.
     again = transfer_flow("orthanc1", "downloads", [s.study_uid for s in specs],
-                          pseudonymize=True, archive=True, trial_id="ARCH",
+                          options=Options(archive=True, trial_id="ARCH"),
                           nodes_file=nodes_file(lab, tmp_path), return_state=True).result()
-    assert all("exists" in r["message"] for r in again)
+    assert all("already complete" in r["message"] for r in again)
     assert len(list((tmp_path / "downloads").glob("*.7z"))) == 1
 
 
 def test_compressed_instances_keep_syntax_and_pixels_when_pseudonymized(lab, prefect_server,
                                                                         tmp_path, secrets):
     originals = {pydicom.dcmread(p).StudyInstanceUID: pydicom.dcmread(p) for p in lab.samples}
-    state = transfer_flow("orthanc1", "downloads", list(originals), pseudonymize=True,
+    state = transfer_flow("orthanc1", "downloads", list(originals),
+                          options=Options(pseudonymize=True),
                           nodes_file=nodes_file(lab, tmp_path), return_state=True)
     assert all(r["status"] == "success" for r in state.result())
     by_pixels = {pydicom.dcmread(f).PixelData: pydicom.dcmread(f)
@@ -154,7 +158,8 @@ def test_compressed_instances_keep_syntax_and_pixels_when_pseudonymized(lab, pre
 
 def test_burned_in_images_are_skipped_with_a_warning(lab, prefect_server, tmp_path, secrets):
     spec = lab.burned_in
-    rows = transfer_flow("orthanc1", "downloads", [spec.study_uid], pseudonymize=True,
+    rows = transfer_flow("orthanc1", "downloads", [spec.study_uid],
+                         options=Options(pseudonymize=True),
                          nodes_file=nodes_file(lab, tmp_path), return_state=True).result()
     assert rows[0]["status"] == "warning"
     assert rows[0]["skipped"] == 1 and rows[0]["transferred"] == spec.instance_count - 1
@@ -165,7 +170,8 @@ def test_burned_in_images_are_skipped_with_a_warning(lab, prefect_server, tmp_pa
 def test_stow_rs_destination(lab, prefect_server, tmp_path, secrets):
     web = {"name": "web", "dicomweb_url": lab.orthanc1.dicomweb_url}
     spec = lab.demo[1]
-    rows = transfer_flow("dcmqrscp", "web", [spec.study_uid], pseudonym="WEB-1",
+    rows = transfer_flow("dcmqrscp", "web", [spec.study_uid],
+                         options=Options(pseudonym="WEB-1"),
                          nodes_file=nodes_file(lab, tmp_path, web),
                          return_state=True).result()
     assert rows[0]["status"] == "success", rows
