@@ -41,12 +41,19 @@ Pseudonym          at most 64 characters, no `/ \\ : * ? " < > |`, no control ch
 
 Dates: `YYYY-MM-DD`, `YYYYMMDD` or `DD.MM.YYYY` (real calendar dates); stored as `YYYYMMDD`.
 
+Every cell: no line breaks or control characters; no backslash in the DICOM text columns (DICOM
+reads it as a value separator); PatientID, names and descriptions at most 64 characters.
+
 Required per row -- query: PatientID, or PatientName + PatientBirthDate, or AccessionNumber, or
 StudyInstanceUID. Transfer: PatientID and StudyInstanceUID.
 
 The columns a batch query writes that are not inputs (`IGNORED_COLUMNS`: Row, Status, Message,
 StudyDate, StudyTime, ...) are accepted and ignored, so a query result is a transfer input. Any
 other column is an error (with the closest known name as a suggestion).
+
+Results (`write_results`): `.csv` in UTF-8 with BOM and `,` (Excel shows umlauts; Excel still
+drops leading zeros when it *opens* a CSV, so prefer `.xlsx` for humans), or `.xlsx` with every
+cell stored as text (format `@`), so IDs keep their zeros and `=...` is never a formula.
 """
 
 from __future__ import annotations
