@@ -87,6 +87,7 @@ COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: Columns of our result files that are not inputs: accepted and ignored (exactly these).
+NOT_TRANSFERABLE = frozenset({"not found", "failure", "error"})
 IGNORED_COLUMNS: frozenset[str] = frozenset({
     "Row", "Status", "Message", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
     "PatientSex", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
@@ -137,6 +138,9 @@ class BatchRow:
     study_uid: str = ""
     series_uid: str = ""
     pseudonym: str = ""
+    # The Status of a batch query result row that found nothing ("not found", "failure"):
+    # a transfer reports the row as skipped instead of failing the whole file.
+    query_status: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,9 +214,14 @@ def _decode(data: bytes) -> str:
 
 
 def _sniff_delimiter(header_line: str) -> str:
-    """`;` when the header line holds more (unquoted) `;` than `,`, otherwise `,`."""
+    """The most frequent of `,`, `;` and tab in the (unquoted) header line; `,` on a tie.
+
+    Tabs are what cells copied out of Excel and pasted into the Prefect UI's text field use.
+    """
     unquoted = re.sub(r'"[^"]*"', "", header_line)
-    return ";" if unquoted.count(";") > unquoted.count(",") else ","
+    counts = {d: unquoted.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] > counts[","] else ","
 
 
 def _parse_csv(text: str) -> _Table | list[BatchProblem]:
@@ -362,7 +371,7 @@ def _map_header(table: _Table) -> tuple[dict[int, str], list[BatchProblem]]:
             ))  # fmt: skip
             continue
         seen[name] = raw
-        if name in COLUMNS:
+        if name in COLUMNS or name == "Status":
             index_of[i] = name
     return index_of, problems
 
@@ -385,7 +394,7 @@ def _frame(table: _Table, index_of: dict[int, str]) -> tuple[pd.DataFrame, list[
         for i, name in index_of.items():
             data[name].append(cells[i] if i < len(cells) else "")
     df = pd.DataFrame({name: pd.Series(values, dtype=str) for name, values in data.items()})
-    for name in COLUMNS:  # absent columns are empty
+    for name in (*COLUMNS, "Status"):  # absent columns are empty
         if name not in df:
             df[name] = pd.Series([""] * len(numbers), dtype=str)
     df[_ROW] = numbers
@@ -585,17 +594,20 @@ def _validate(
             lambda v: f"missing: a query needs {QUERY_NEEDS}",
         )
     else:
+        # Rows a batch query could not answer stay in its result file; a transfer skips them.
+        live = ~df["Status"].str.casefold().isin(NOT_TRANSFERABLE)
         check.flag(
-            "PatientID", ~filled["PatientID"], lambda v: "missing: a transfer needs PatientID"
+            "PatientID", live & ~filled["PatientID"],
+            lambda v: "missing: a transfer needs PatientID"
         )
         check.flag(
             "StudyInstanceUID",
-            ~filled["StudyInstanceUID"] & filled["SeriesInstanceUID"],
+            live & ~filled["StudyInstanceUID"] & filled["SeriesInstanceUID"],
             lambda v: "missing: a SeriesInstanceUID needs its StudyInstanceUID",
         )
         check.flag(
             "StudyInstanceUID",
-            ~filled["StudyInstanceUID"],
+            live & ~filled["StudyInstanceUID"],
             lambda v: "missing: a transfer needs StudyInstanceUID",
         )
 
@@ -630,7 +642,9 @@ def _pseudonym_conflicts(df: pd.DataFrame) -> list[BatchProblem]:
 
 def _rows(df: pd.DataFrame, normalized: dict[str, pd.Series]) -> list[BatchRow]:
     columns = [normalized[c] if c in normalized else df[c] for c in COLUMNS]
-    keys = ["row", *(_FIELD_OF[c] for c in COLUMNS)]
+    status = df["Status"].where(df["Status"].str.casefold().isin(NOT_TRANSFERABLE), "")
+    columns.append(status)
+    keys = ["row", *(_FIELD_OF[c] for c in COLUMNS), "query_status"]
     empty_tuple = {"modalities", "series_numbers"}
     rows = []
     for values in zip(df[_ROW].tolist(), *(c.tolist() for c in columns), strict=True):

@@ -125,6 +125,18 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
 # --- file-level problems ----------------------------------------------------------------------
 
 
+def test_tab_separated_cells_pasted_from_excel_are_read() -> None:
+    rows = read_batch_file(f"PatientID\tStudyInstanceUID\n0042\t{UID1}\n", "transfer")
+    assert [(r.row, r.patient_id, r.study_uid) for r in rows] == [(2, "0042", UID1)]
+
+
+def test_query_result_rows_that_found_nothing_are_skipped_by_a_transfer() -> None:
+    text = ("Row,Status,Message,PatientID,StudyInstanceUID\n"
+            f"2,found,,P1,{UID1}\n3,not found,no study,P2,\n")
+    rows = read_batch_file(text, "transfer")
+    assert [(r.row, r.query_status) for r in rows] == [(2, ""), (3, "not found")]
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -132,7 +144,6 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
         (b"\xef\xbb\xbf\r\n  \r\n", "empty"),
         (b"PatientID,StudyInstanceUID\n", "no data rows"),
         (b"PatientID,StudyInstanceUID\n,\n\n", "no data rows"),
-        (b"PatientID\tStudyInstanceUID\n1\t" + UID1.encode() + b"\n", "tabs"),
     ],
 )
 def test_file_level_problems(tmp_path: Path, content: bytes, expected: str) -> None:
