@@ -91,7 +91,7 @@ NOT_TRANSFERABLE = frozenset({"not found", "failure", "error"})
 IGNORED_COLUMNS: frozenset[str] = frozenset({
     "Row", "Status", "Message", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
     "PatientSex", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
-    "NumberOfSeriesRelatedInstances",
+    "NumberOfSeriesRelatedInstances", "Instances", "DestinationStudyInstanceUID",
 })  # fmt: skip
 
 DATE_COLUMNS = ("PatientBirthDate", "From", "Until")
@@ -595,7 +595,7 @@ def _validate(
         )
     else:
         # Rows a batch query could not answer stay in its result file; a transfer skips them.
-        live = ~df["Status"].str.casefold().isin(NOT_TRANSFERABLE)
+        live = ~_unanswered(df)
         check.flag(
             "PatientID", live & ~filled["PatientID"],
             lambda v: "missing: a transfer needs PatientID"
@@ -640,9 +640,15 @@ def _pseudonym_conflicts(df: pd.DataFrame) -> list[BatchProblem]:
     return problems
 
 
+def _unanswered(df: pd.DataFrame) -> pd.Series:
+    """Rows of a batch query result that found no study (a Status such as 'not found' and no
+    StudyInstanceUID). A failed transfer row keeps its UID and is transferred again."""
+    return df["Status"].str.casefold().isin(NOT_TRANSFERABLE) & (df["StudyInstanceUID"] == "")
+
+
 def _rows(df: pd.DataFrame, normalized: dict[str, pd.Series]) -> list[BatchRow]:
     columns = [normalized[c] if c in normalized else df[c] for c in COLUMNS]
-    status = df["Status"].where(df["Status"].str.casefold().isin(NOT_TRANSFERABLE), "")
+    status = df["Status"].where(_unanswered(df), "")
     columns.append(status)
     keys = ["row", *(_FIELD_OF[c] for c in COLUMNS), "query_status"]
     empty_tuple = {"modalities", "series_numbers"}

@@ -205,13 +205,14 @@ def _identifier(query: Query, level: Level) -> Dataset:
             ds.StudyDate = _dicom_range(*query.study_date)
         ds.AccessionNumber = query.accession
         ds.StudyDescription = query.study_description
-        ds.ModalitiesInStudy = query.modality
+        ds.ModalitiesInStudy = query.modality.replace(",", "\\")  # several: CT\\MR
     if level != Level.PATIENT:
         ds.StudyInstanceUID = query.study_uid
     if level == Level.SERIES:
-        ds.Modality = query.modality
+        # Several values are not matchable at series level: ask for all, filter on our side.
+        ds.Modality = "" if "," in query.modality else query.modality
         ds.SeriesDescription = query.series_description
-        ds.SeriesNumber = query.series_number
+        ds.SeriesNumber = "" if "," in query.series_number else query.series_number
     if level in (Level.SERIES, Level.IMAGE):
         ds.SeriesInstanceUID = query.series_uid
     return ds
@@ -332,7 +333,7 @@ def _study_matches(query: Query, study: Study) -> bool:
 def _complete_study(conn: Connection, study: Study) -> Study:
     """Fill ModalitiesInStudy and the instance count from a series-level query."""
     series = find_series(conn, Query(level=Level.SERIES, study_uid=study.StudyInstanceUID),
-                         _parent=study)
+                         parent=study)
     modalities = sorted({s.Modality for s in series if s.Modality})
     counts = [s.NumberOfSeriesRelatedInstances for s in series]
     if any(c is None for c in counts):
@@ -349,24 +350,24 @@ def _complete_study(conn: Connection, study: Study) -> Study:
     })
 
 
-def find_series(conn: Connection, query: Query, *, _parent: Study | None = None) -> list[Series]:
+def find_series(conn: Connection, query: Query, *, parent: Study | None = None) -> list[Series]:
     """Series-level C-FIND. Needs a StudyInstanceUID, or finds the studies first."""
     if query.study_uid:
-        parents = [_parent] if _parent else find_studies(
+        parents = [parent] if parent else find_studies(
             conn, Query(study_uid=query.study_uid, patient_id=query.patient_id))
     else:
         parents = find_studies(conn, Query(**{**_query_fields(query), "level": Level.STUDY,
                                               "series_description": "", "series_number": "",
                                               "series_uid": "", "limit": 0}))
     results: list[Series] = []
-    for parent in parents:
-        sub = Query(level=Level.SERIES, study_uid=parent.StudyInstanceUID,
+    for study in parents:
+        sub = Query(level=Level.SERIES, study_uid=study.StudyInstanceUID,
                     series_uid=query.series_uid, modality=query.modality,
                     series_description=query.series_description,
                     series_number=query.series_number)
         for ds in find_datasets(conn, _identifier(sub, Level.SERIES)):
             series = Series(
-                **as_row(parent),
+                **as_row(study),
                 SeriesInstanceUID=_text(ds, "SeriesInstanceUID"),
                 SeriesNumber=_text(ds, "SeriesNumber"),
                 SeriesDescription=_text(ds, "SeriesDescription"),

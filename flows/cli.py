@@ -138,6 +138,20 @@ def _write_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
             stream.close()
 
 
+def _check_secrets(options: Any) -> None:
+    """On a terminal, ask for an archive password that is not in the environment. It goes
+    into this process's environment only: the flow reads it there, and it never becomes a flow
+    parameter (which Prefect stores and shows). Missing secrets otherwise fail in the flow,
+    before any work, with exit code 2 (a Prefect Secret block may provide them)."""
+    import os
+
+    from adit_tasks.config import SecretSettings
+
+    if options.archive and SecretSettings().archive_password is None and sys.stdin.isatty():
+        os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
+            "Archive password", hide_input=True, confirmation_prompt=True)
+
+
 @app.command()
 def transfer(
     source: Annotated[str, typer.Option(help="source server node")],
@@ -165,7 +179,6 @@ def transfer(
     nodes_file: NodesFile = None,
 ) -> None:
     """Transfer studies from a server to a server, a folder or an archive (a Prefect flow run)."""
-    import os
 
     settings = _settings(nodes_file)
     try:
@@ -184,21 +197,6 @@ def transfer(
             validate_uid(uid)
     except InvalidInput as exc:
         raise _fail(str(exc), 2) from None
-    if (pseudonymize or pseudonym) and not os.environ.get("ADIT_PSEUDONYM_SECRET"):
-        from adit_tasks.config import SecretSettings
-
-        if SecretSettings().pseudonym_secret is None:
-            raise _fail("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET", 2)
-    if archive and not os.environ.get("ADIT_ARCHIVE_PASSWORD"):
-        from adit_tasks.config import SecretSettings
-
-        if SecretSettings().archive_password is None:
-            if not sys.stdin.isatty():
-                raise _fail("--archive needs a password: set ADIT_ARCHIVE_PASSWORD", 2)
-            # Into this process's environment only: the flow reads it there, and it never
-            # becomes a flow parameter (parameters are stored and shown by Prefect).
-            os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
-                "Archive password", hide_input=True, confirmation_prompt=True)
     from flows.options import TransferOptions
     from flows.runtime import use_running_server
 
@@ -209,6 +207,7 @@ def transfer(
         retain_device_identity=keep_device_identity,
         clean_descriptors=not no_clean_descriptors, allow_burned_in=allow_burned_in,
         archive=archive, compress=compress)
+    _check_secrets(options)
     use_running_server()
     from flows.transfer import transfer_flow
 
@@ -223,6 +222,118 @@ def transfer(
                   if "expected" in row else "")
         typer.echo(f"study {row['study']}: {row['status']}  {counts}  {row['message']}")
     if any(r["status"] == "failure" for r in rows):
+        raise typer.Exit(1)
+
+
+def _run_with_progress(label: str, run: Any) -> Any:
+    """Run a flow, with a progress bar on a terminal (fed by the flows' progress listener)."""
+    from flows import transfer as transfer_module
+
+    if not sys.stderr.isatty():
+        return run()
+    with typer.progressbar(length=1, label=label, file=sys.stderr) as bar:
+        def update(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        transfer_module.progress_listener = update
+        try:
+            return run()
+        finally:
+            transfer_module.progress_listener = None
+
+
+def _batch_result(state: Any) -> list[dict[str, Any]]:
+    rows = state.result(raise_on_failure=False)
+    if isinstance(rows, BaseException):
+        code = 2 if isinstance(rows, PermanentError | ValueError) else 1
+        raise _fail(str(rows), code)
+    return rows
+
+
+@app.command("batch-query")
+def batch_query(
+    file: Annotated[Path, typer.Argument(help="batch file (.csv or .xlsx)")],
+    source: Annotated[str, typer.Option(help="server to query")],
+    out: Annotated[Path, typer.Option(help="result file (.csv or .xlsx)")],
+    level: Annotated[str, typer.Option(help="study or series")] = "study",
+    nodes_file: NodesFile = None,
+) -> None:
+    """Look up every row of a batch file: find Patient IDs, studies, check presence."""
+    from adit_tasks.batch_file import read_batch_file
+
+    settings = _settings(nodes_file)
+    try:
+        settings.server(source)
+        if level not in ("study", "series"):
+            raise InvalidInput("--level must be study or series")
+        if out.suffix.lower() not in (".csv", ".xlsx"):
+            raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
+        read_batch_file(file, "query")  # all problems at once, before anything runs
+    except AditError as exc:
+        raise _fail(str(exc), 2) from None
+    from flows.runtime import use_running_server
+
+    use_running_server()
+    from flows.batch import batch_query_flow
+
+    state = _run_with_progress("querying", lambda: batch_query_flow(
+        str(file.resolve()), source, str(out.resolve()), level, str(settings.nodes_file),
+        return_state=True))
+    rows = _batch_result(state)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["Status"]] = counts.get(row["Status"], 0) + 1
+    typer.echo(f"{len(rows)} result rows written to {out}: "
+               + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if counts.get("failure"):
+        raise typer.Exit(1)
+
+
+@app.command("batch-transfer")
+def batch_transfer(
+    file: Annotated[Path, typer.Argument(help="batch file (.csv or .xlsx)")],
+    source: Annotated[str, typer.Option(help="source server node")],
+    destination: Annotated[str, typer.Option(help="destination server or folder node")],
+    pseudonymize: Annotated[bool, typer.Option(help="pseudonymize (PS3.15 basic profile)")] = False,
+    trial_id: Annotated[str, typer.Option(help="ClinicalTrialProtocolID")] = "",
+    trial_name: Annotated[str, typer.Option(help="ClinicalTrialProtocolName")] = "",
+    archive: Annotated[bool, typer.Option(help="one encrypted 7-Zip archive in the destination "
+                                               "folder (password: ADIT_ARCHIVE_PASSWORD)")] = False,
+    out: Annotated[Path | None, typer.Option(help="result file (.csv or .xlsx)")] = None,
+    nodes_file: NodesFile = None,
+) -> None:
+    """Transfer the studies listed in a batch file; one result row per input row."""
+    from adit_tasks.batch_file import read_batch_file
+    from flows.options import TransferOptions
+
+    settings = _settings(nodes_file)
+    try:
+        settings.server(source)
+        settings.node(destination)
+        if out is not None and out.suffix.lower() not in (".csv", ".xlsx"):
+            raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
+        read_batch_file(file, "transfer")
+    except AditError as exc:
+        raise _fail(str(exc), 2) from None
+    options = TransferOptions(pseudonymize=pseudonymize, trial_id=trial_id,
+                              trial_name=trial_name, archive=archive)
+    _check_secrets(options)
+    from flows.runtime import use_running_server
+
+    use_running_server()
+    from flows.batch import batch_transfer_flow
+
+    state = _run_with_progress("transferring", lambda: batch_transfer_flow(
+        str(file.resolve()), source, destination, options, str(out.resolve()) if out else "",
+        None, str(settings.nodes_file), return_state=True))
+    rows = _batch_result(state)
+    for row in rows:
+        typer.echo(f"row {row['Row']}: {row['Status']}  {row.get('Instances', 0)} instances"
+                   f"  {row.get('Message', '')}")
+    if out:
+        typer.echo(f"results written to {out}")
+    if any(r["Status"] == "failure" for r in rows):
         raise typer.Exit(1)
 
 
