@@ -337,6 +337,21 @@ def batch_transfer(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Prefect server port on 127.0.0.1")] = 4200,
+    nodes_file: NodesFile = None,
+) -> None:
+    """Start (or reuse) a local Prefect server and serve every ADIT flow; prints the UI address."""
+    from adit_tasks.config import nodes_file_path
+    from deployments.serve import serve as run_serve
+
+    settings = _settings(nodes_file)
+    if not settings.nodes:
+        raise _fail(f"no nodes configured in {nodes_file_path(nodes_file)}", 2)
+    raise typer.Exit(run_serve(settings.nodes_file, port))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from flows.runtime import prepare_environment

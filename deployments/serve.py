@@ -1,0 +1,120 @@
+"""`adit serve`: the embedded default for the web interface, in one command.
+
+Starts (or reuses) a local Prefect server with SQLite on 127.0.0.1, creates the per-node
+global concurrency limits, and serves every flow of the product as a deployment from this one
+process (no work pool needed). Flow runs started from the UI run here, with the nodes file
+this command was given. Stopping it (Ctrl-C) pauses the deployments and stops the Prefect
+server if this command started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flows.runtime import prepare_environment
+
+DEFAULT_PORT = 4200
+
+
+def server_healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=1) as rsp:
+            return rsp.status == 200
+    except OSError:
+        return False
+
+
+def start_prefect_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A local Prefect server (SQLite under PREFECT_HOME) bound to 127.0.0.1 only."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_API_URL", None)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started, by its PID (its own session: uvicorn children too)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def deployments(nodes_file: str) -> list:
+    """Every flow of the product as a deployment, defaults pointing at this nodes file."""
+    from flows.batch import batch_query_flow, batch_transfer_flow
+    from flows.query import query_flow
+    from flows.selective_transfer import selective_transfer_flow
+    from flows.transfer import transfer_flow
+
+    common = {"nodes_file": nodes_file}
+    return [
+        selective_transfer_flow.to_deployment(
+            name="pick-studies", parameters=common, tags=["adit"],
+            description="Search a PACS, tick studies in the run's Resume form, transfer them."),
+        transfer_flow.to_deployment(
+            name="transfer", parameters=common, tags=["adit"],
+            description="Transfer studies by StudyInstanceUID."),
+        query_flow.to_deployment(
+            name="query", parameters=common, tags=["adit"],
+            description="Search a PACS; the result is a table artifact."),
+        batch_query_flow.to_deployment(
+            name="batch-query", parameters=common, tags=["adit"],
+            description="Look up every row of a CSV/Excel batch (path or pasted CSV)."),
+        batch_transfer_flow.to_deployment(
+            name="batch-transfer", parameters=common, tags=["adit"],
+            description="Transfer the studies of a CSV/Excel batch (path or pasted CSV)."),
+    ]
+
+
+def serve(nodes_file: Path, port: int = DEFAULT_PORT) -> int:
+    """Run until interrupted; returns the exit code."""
+    prepare_environment()
+    from adit_tasks.config import load_settings
+
+    settings = load_settings(nodes_file)  # a bad nodes file stops us before anything starts
+    api_url = f"http://127.0.0.1:{port}/api"
+    started = None
+    if not server_healthy(api_url):
+        log = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "adit-server.log"
+        started = start_prefect_server(port, log)
+        deadline = time.monotonic() + 90
+        while not server_healthy(api_url):
+            if started.poll() is not None or time.monotonic() > deadline:
+                print(f"error: the Prefect server did not start; see {log}", file=sys.stderr)
+                stop(started)
+                return 1
+            time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        from prefect import serve as prefect_serve
+
+        from adit_tasks.tasks import ensure_node_limits
+
+        ensure_node_limits(settings)
+        print(f"ADIT is served. Open the Prefect UI: http://127.0.0.1:{port}  "
+              "(Deployments -> pick-studies -> Run). Ctrl-C stops it.", flush=True)
+        prefect_serve(*deployments(str(Path(nodes_file).resolve())),
+                      print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started is not None:
+            stop(started)
+    return 0
