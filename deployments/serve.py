@@ -83,9 +83,17 @@ def deployments(nodes_file: str) -> list:
     ]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(nodes_file: Path, port: int = DEFAULT_PORT) -> int:
-    """Run until interrupted; returns the exit code."""
+    """Run until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
     prepare_environment()
+    # A process started in the background by a non-interactive shell ignores SIGINT: restore
+    # it, and treat SIGTERM the same, so the Prefect server we start is always stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     from adit_tasks.config import load_settings
 
     settings = load_settings(nodes_file)  # a bad nodes file stops us before anything starts
