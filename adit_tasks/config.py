@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from adit_tasks.errors import ConfigError, UnknownNode
+from adit_tasks.errors import ConfigError, InvalidInput, UnknownNode
 
 DEFAULT_NODES_FILE = Path("nodes.yaml")
 RetrieveMethod = Literal["c-get", "c-move", "wado-rs"]
@@ -69,6 +69,13 @@ class ServerNode(_Strict):
     store: bool = True  # accepts C-STORE (or STOW-RS)
     query_root: Literal["study", "patient"] = "study"
     max_associations: int = Field(default=2, ge=1, le=64)
+    # When transfers may load this server, e.g. "Mon-Fri 20:00-06:00; Sat-Sun 00:00-24:00"
+    # (adit_tasks/windows.py); empty: always.
+    transfer_window: str = ""
+    # Gentle on a busy PACS: at most this many studies per minute (Prefect rate limit, shared
+    # by all runs and workers) and a pause after each study.
+    studies_per_minute: float | None = Field(default=None, gt=0)
+    pause_between_studies: float = Field(default=0.0, ge=0, le=3600)
     # Private creators whose blocks carry no identifying data and survive pseudonymization.
     safe_private_creators: list[str] = Field(default_factory=list)
     timeout: float = Field(default=60.0, gt=0, description="network/DIMSE timeout in seconds")
@@ -77,6 +84,17 @@ class ServerNode(_Strict):
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
+
+    @field_validator("transfer_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        from adit_tasks.windows import TransferWindow
+
+        try:
+            TransferWindow.parse(value)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("dicomweb_url")
     @classmethod
@@ -110,6 +128,11 @@ class ServerNode(_Strict):
     def limit_name(self) -> str:
         """Name of the Prefect global concurrency limit that guards this node's associations."""
         return f"adit-node-{self.name}"
+
+    @property
+    def rate_limit_name(self) -> str:
+        """Name of the Prefect rate limit (studies per minute) of this node."""
+        return f"adit-rate-{self.name}"
 
 
 class FolderNode(_Strict):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.concurrency.sync import concurrency
+from prefect.concurrency.sync import concurrency, rate_limit
 from prefect.exceptions import ObjectNotFound
 
 from adit_tasks import find
@@ -29,6 +31,7 @@ from adit_tasks.config import FolderNode, RetrieveMethod, ServerNode, Settings
 from adit_tasks.errors import ConfigError, NotSupported, is_retriable
 from adit_tasks.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
 from adit_tasks.transfer import Pseudonymization, StudyOutcome, transfer_study
+from adit_tasks.windows import OutsideWindow, TransferWindow
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +45,53 @@ def prefect_slot(node: ServerNode) -> Iterator[None]:
 
 
 def ensure_node_limits(settings: Settings) -> None:
-    """Create or resize one global concurrency limit per server node."""
+    """Create or resize the Prefect limits of every server node: one global concurrency limit
+    (`max_associations`) and, where set, a rate limit (`studies_per_minute`)."""
     with get_client(sync_client=True) as client:
         for node in settings.servers:
-            try:
-                existing = client.read_global_concurrency_limit_by_name(node.limit_name)
-            except ObjectNotFound:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=node.limit_name,
-                                                 limit=node.max_associations)
-                )
-                continue
-            if existing.limit != node.max_associations or not existing.active:
-                client.update_global_concurrency_limit(
-                    node.limit_name,
-                    GlobalConcurrencyLimitUpdate(limit=node.max_associations, active=True),
-                )
+            _ensure_limit(client, node.limit_name, node.max_associations, None)
+            if node.studies_per_minute:
+                # A slot per study, decaying at the allowed rate: bursts of at most
+                # ceil(rate) studies, then one every 60/rate seconds.
+                _ensure_limit(client, node.rate_limit_name,
+                              max(1, math.ceil(node.studies_per_minute)),
+                              node.studies_per_minute / 60.0)
+
+
+def _ensure_limit(client: Any, name: str, limit: int, decay: float | None) -> None:
+    try:
+        existing = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
+            name=name, limit=limit, slot_decay_per_second=decay or 0.0))
+        return
+    if (existing.limit != limit or not existing.active
+            or (decay or 0.0) != (existing.slot_decay_per_second or 0.0)):
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(
+            limit=limit, active=True, slot_decay_per_second=decay or 0.0))
+
+
+def window_gate(node: ServerNode, window: str = "", urgent: bool = False) -> None:
+    """Raise OutsideWindow when the node's (or the run's) transfer window is closed.
+
+    Called before a study (or a chunk of queries) starts, never in the middle of one: a study
+    in flight when the window closes finishes; the next one waits.
+    """
+    if urgent:
+        return
+    gate = TransferWindow.parse(window or node.transfer_window)
+    if not gate.is_open():
+        raise OutsideWindow(node.name, gate.next_open())
+
+
+@contextlib.contextmanager
+def gentle(node: ServerNode) -> Iterator[None]:
+    """The node's load limits around one study: rate limit before, pause after."""
+    if node.studies_per_minute:
+        rate_limit(node.rate_limit_name, occupy=1, strict=True)
+    yield
+    if node.pause_between_studies:
+        time.sleep(node.pause_between_studies)
 
 
 def connection(settings: Settings, node: ServerNode) -> Connection:
@@ -99,14 +133,18 @@ def transfer_study_task(
     series_uids: tuple[str, ...] = (),
     pseudonymization: Pseudonymization | None = None,
     method: RetrieveMethod | None = None,
+    window: str = "",
+    urgent: bool = False,
 ) -> StudyOutcome:
     """Transfer one study; a Prefect task run per study, so retries and limits are per study.
 
     Runs in the flow's process (thread task runner): the sink may be shared (an archive).
     """
-    return transfer_study(settings, connection(settings, settings.server(source)), sink,
-                          study_uid, series_uids, pseudonymization=pseudonymization,
-                          method=method)
+    node = settings.server(source)
+    window_gate(node, window, urgent)
+    with gentle(node):
+        return transfer_study(settings, connection(settings, node), sink, study_uid,
+                              series_uids, pseudonymization=pseudonymization, method=method)
 
 
 def make_sink(settings: Settings, destination: str, archive: ArchiveWriter | None = None) -> Sink:

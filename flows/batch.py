@@ -18,24 +18,28 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from adit_tasks.batch_file import BatchRow, read_batch_file, write_results
 from adit_tasks.batch_query import query_row
 from adit_tasks.config import RetrieveMethod, Settings, load_settings
-from adit_tasks.tasks import connection, ensure_node_limits, with_retries
+from adit_tasks.tasks import connection, ensure_node_limits, window_gate, with_retries
+from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions
-from flows.transfer import StudyJob, transfer_jobs
+from flows.transfer import StudyJob, schedule_again, transfer_jobs
 
 ROWS_PER_TASK = 20  # a task run per chunk keeps orchestration well under 10% of the work
 
 
 @task(name="query-rows", cache_policy=NO_CACHE)
-def query_rows_task(settings: Settings, source: str, rows: list[BatchRow],
-                    level: str) -> list[dict[str, Any]]:
+def query_rows_task(settings: Settings, source: str, rows: list[BatchRow], level: str,
+                    window: str = "", urgent: bool = False) -> list[dict[str, Any]]:
     """Answer a chunk of batch rows; each row's errors become its own 'failure' row."""
-    conn = connection(settings, settings.server(source))
+    node = settings.server(source)
+    window_gate(node, window, urgent)
+    conn = connection(settings, node)
     return [result for row in rows for result in query_row(conn, row, level)]
 
 
@@ -46,6 +50,8 @@ def batch_query_flow(
     source: str,
     out: str = "",
     level: Literal["study", "series"] = "study",
+    window: str = "",
+    urgent: bool = False,
     nodes_file: str | None = None,
 ) -> State:
     """Look up every row of `batch` (a .csv/.xlsx path, or pasted CSV) on `source`.
@@ -53,6 +59,7 @@ def batch_query_flow(
     Rows need PatientID, or PatientName + PatientBirthDate, or AccessionNumber, or
     StudyInstanceUID; From/Until, Modality, StudyDescription narrow the search,
     SeriesDescription/SeriesNumber (or level=series) list series. Results go to `out`.
+    Queries run inside the source's transfer window (or `window`) unless `urgent`.
     """
     settings = load_settings(nodes_file)
     settings.server(source)
@@ -61,18 +68,37 @@ def batch_query_flow(
     task_ = with_retries(query_rows_task, settings)
     chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
     progress = create_progress_artifact(0.0, description="batch rows answered")
-    futures = [task_.with_options(task_run_name=f"rows-{c[0].row}-{c[-1].row}").submit(
-        settings, source, c, level) for c in chunks]
-    results: list[dict[str, Any]] = []
-    for done, (chunk, future) in enumerate(zip(chunks, futures, strict=True), start=1):
-        future.wait()
-        answer = future.state.result(raise_on_failure=False)
-        if isinstance(answer, BaseException):
-            answer = [{"Row": r.row, "Status": "failure", "Message": str(answer),
-                       "Pseudonym": r.pseudonym} for r in chunk]
-        results += answer
-        update_progress_artifact(progress, 100.0 * done / len(chunks))
-        _notify(done * ROWS_PER_TASK, len(rows))
+    answers: dict[int, list[dict[str, Any]]] = {}
+    pending = list(range(len(chunks)))
+    while pending:
+        futures = [task_.with_options(
+            task_run_name=f"rows-{chunks[i][0].row}-{chunks[i][-1].row}").submit(
+            settings, source, chunks[i], level, window, urgent) for i in pending]
+        postponed, opens = [], None
+        for i, future in zip(pending, futures, strict=True):
+            future.wait()
+            answer = future.state.result(raise_on_failure=False)
+            if isinstance(answer, OutsideWindow):
+                postponed.append(i)
+                opens = min(opens or answer.opens, answer.opens)
+                continue
+            if isinstance(answer, BaseException):
+                answer = [{"Row": r.row, "Status": "failure", "Message": str(answer),
+                           "Pseudonym": r.pseudonym} for r in chunks[i]]
+            answers[i] = answer
+            update_progress_artifact(progress, 100.0 * len(answers) / len(chunks))
+            _notify(len(answers) * ROWS_PER_TASK, len(rows))
+        if postponed and flow_run.deployment_id:
+            for i in postponed:  # a new run at the opening time answers everything again
+                answers[i] = [{"Row": r.row, "Status": "postponed", "Pseudonym": r.pseudonym,
+                               "Message": f"outside the transfer window; opens {opens}"}
+                              for r in chunks[i]]
+            schedule_again(flow_run.deployment_id, opens)
+            break
+        if postponed:
+            sleep_until(opens)
+        pending = postponed
+    results = [row for i in range(len(chunks)) for row in answers[i]]
     return _publish(results, out, "batch-query-result", "rows",
                     ["Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
                      "NumberOfStudyRelatedInstances"])

@@ -212,7 +212,7 @@ def transfer(
     from flows.transfer import transfer_flow
 
     state = transfer_flow(source, destination, study, series or None, options, method,
-                          str(settings.nodes_file), return_state=True)
+                          nodes_file=str(settings.nodes_file), return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, BaseException):
         code = 2 if isinstance(rows, PermanentError | ValueError) else 1
@@ -278,8 +278,8 @@ def batch_query(
     from flows.batch import batch_query_flow
 
     state = _run_with_progress("querying", lambda: batch_query_flow(
-        str(file.resolve()), source, str(out.resolve()), level, str(settings.nodes_file),
-        return_state=True))
+        str(file.resolve()), source, str(out.resolve()), level=level,
+        nodes_file=str(settings.nodes_file), return_state=True))
     rows = _batch_result(state)
     counts: dict[str, int] = {}
     for row in rows:
@@ -325,8 +325,9 @@ def batch_transfer(
     from flows.batch import batch_transfer_flow
 
     state = _run_with_progress("transferring", lambda: batch_transfer_flow(
-        str(file.resolve()), source, destination, options, str(out.resolve()) if out else "",
-        None, str(settings.nodes_file), return_state=True))
+        str(file.resolve()), source, destination, options,
+        out=str(out.resolve()) if out else "", nodes_file=str(settings.nodes_file),
+        return_state=True))
     rows = _batch_result(state)
     for row in rows:
         typer.echo(f"row {row['Row']}: {row['Status']}  {row.get('Instances', 0)} instances"

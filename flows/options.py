@@ -11,13 +11,14 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adit_tasks.archive import ArchiveWriter
 from adit_tasks.config import FolderNode, SecretSettings, ServerNode, Settings
-from adit_tasks.errors import ConfigError
+from adit_tasks.errors import ConfigError, InvalidInput
 from adit_tasks.folder import safe_component
 from adit_tasks.pseudonymize import PseudonymizationOptions, Pseudonymizer
+from adit_tasks.windows import TransferWindow
 
 PSEUDONYM_SECRET_BLOCK = "adit-pseudonym-secret"
 ARCHIVE_PASSWORD_BLOCK = "adit-archive-password"
@@ -46,6 +47,18 @@ class TransferOptions(BaseModel):
     archive: bool = Field(False, description="Write one AES-256 7-Zip archive into the "
                           "destination folder.")
     compress: bool = Field(False, description="LZMA2 inside the archive (slower, smaller).")
+    window: str = Field("", description="Transfer window for this run, e.g. 'Mon-Fri "
+                        "20:00-06:00; Sat-Sun 00:00-24:00'; empty: the source node's.")
+    urgent: bool = Field(False, description="Ignore the transfer window.")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        try:
+            TransferWindow.parse(value)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @property
     def pseudonymizing(self) -> bool:

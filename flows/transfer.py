@@ -19,6 +19,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -29,6 +30,7 @@ from adit_tasks.find import validate_uid
 from adit_tasks.pseudonymize import Pseudonymizer
 from adit_tasks.tasks import ensure_node_limits, make_sink, transfer_study_task, with_retries
 from adit_tasks.transfer import Pseudonymization
+from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions, make_pseudonymizer, open_archive
 
 # Called with (finished, total) as studies finish; the CLI sets it to draw a progress bar.
@@ -94,9 +96,11 @@ def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[
                 for i in range(1, len(jobs) + 1)]
     sink = make_sink(settings, destination, archive)
     ensure_node_limits(settings)
-    rows = run_jobs(settings, source, sink, jobs, pseudonymizer, method)
+    rows = run_jobs(settings, source, sink, jobs, pseudonymizer, method, options)
+    rows = _continue_postponed(settings, source, sink, jobs, rows, pseudonymizer, method,
+                               options, archive is not None)
     if isinstance(archive, ArchiveWriter):
-        if any(r["status"] == "failure" for r in rows):
+        if any(r["status"] in ("failure", "postponed") for r in rows):
             archive.abandon()
             logger.warning("archive not written: a study failed; a re-run starts it again")
         else:
@@ -104,17 +108,66 @@ def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[
     return rows
 
 
+def _continue_postponed(settings: Settings, source: str, sink: Any, jobs: list[StudyJob],
+                       rows: list[dict[str, Any]], pseudonymizer: Pseudonymizer | None,
+                       method: RetrieveMethod | None, options: TransferOptions,
+                       archive: bool) -> list[dict[str, Any]]:
+    """Studies that met a closed transfer window continue when it opens.
+
+    A deployment run schedules a copy of itself (same parameters) for the opening time and
+    ends, so no worker slot is held for hours; re-running is safe because studies already at
+    the destination are skipped. A run started by hand (CLI) waits in its process instead.
+    An archive job is never continued half-way: its archive starts again in the new run.
+    """
+    logger = get_run_logger()
+    while True:
+        postponed = [i for i, r in enumerate(rows) if r["status"] == "postponed"]
+        if not postponed:
+            return rows
+        opens = min(rows[i]["opens"] for i in postponed)
+        deployment_id = flow_run.deployment_id
+        if deployment_id or archive:
+            if deployment_id:
+                later = schedule_again(deployment_id, opens)
+                note = f"; continues in run '{later}' at {opens:%Y-%m-%d %H:%M}"
+            else:
+                note = "; the archive was not written: run the job again then"
+            for i in postponed:
+                rows[i]["message"] += note
+            return rows
+        logger.info("%d studies wait for the transfer window (opens %s)", len(postponed),
+                    f"{opens:%Y-%m-%d %H:%M}")
+        sleep_until(opens)
+        again = run_jobs(settings, source, sink, [jobs[i] for i in postponed], pseudonymizer,
+                         method, options)
+        for i, row in zip(postponed, again, strict=True):
+            rows[i] = row | {"study": rows[i]["study"]}
+
+
+def schedule_again(deployment_id: Any, at: Any) -> str:
+    """A new run of this deployment with this run's parameters, scheduled for `at`."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            deployment_id, parameters=dict(flow_run.parameters),
+            state=Scheduled(scheduled_time=at.astimezone()))
+    return run.name
+
+
 def run_jobs(settings: Settings, source: str, sink: Any, jobs: list[StudyJob],
-             pseudonymizer: Pseudonymizer | None,
-             method: RetrieveMethod | None) -> list[dict[str, Any]]:
+             pseudonymizer: Pseudonymizer | None, method: RetrieveMethod | None,
+             options: TransferOptions | None = None) -> list[dict[str, Any]]:
     """One task run per job; one result row per job, in the order given."""
+    options = options or TransferOptions()
     task = with_retries(transfer_study_task, settings)
     progress = create_progress_artifact(0.0, description="studies finished")
     futures = [
         task.with_options(task_run_name=f"study-{i}").submit(
             settings, source, sink, job.study_uid, job.series_uids,
             Pseudonymization(pseudonymizer, job.pseudonym or None) if pseudonymizer else None,
-            method)
+            method, options.window, options.urgent)
         for i, job in enumerate(jobs, start=1)
     ]
     rows: list[dict[str, Any]] = []
@@ -122,7 +175,11 @@ def run_jobs(settings: Settings, source: str, sink: Any, jobs: list[StudyJob],
         future.wait()
         outcome = future.state.result(raise_on_failure=False)
         row: dict[str, Any] = {"study": i, "StudyInstanceUID": job.study_uid}
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, OutsideWindow):
+            row |= {"status": "postponed", "pseudonym": job.pseudonym,
+                    "destination_study_uid": "", "expected": None, "transferred": 0,
+                    "skipped": 0, "message": str(outcome), "opens": outcome.opens}
+        elif isinstance(outcome, BaseException):
             row |= {"status": "failure", "pseudonym": job.pseudonym,
                     "destination_study_uid": "", "expected": None, "transferred": 0,
                     "skipped": 0, "message": str(outcome)}
@@ -142,6 +199,8 @@ def finish(rows: list[dict[str, Any]], options: TransferOptions, what: str) -> S
     """Publish the result table (without original UIDs when pseudonymizing) and end the run:
     Failed when any study failed, so the UI shows it, with the rows as the result."""
     failed = sum(r["status"] == "failure" for r in rows)
+    for row in rows:
+        row.pop("opens", None)
     private = {"StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
                "PatientBirthDate", "AccessionNumber"} if options.pseudonymizing else set()
     table = [{k: v for k, v in r.items() if k not in private} for r in rows]
