@@ -18,7 +18,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -88,12 +88,12 @@ def batch_query_flow(
             answers[i] = answer
             update_progress_artifact(progress, 100.0 * len(answers) / len(chunks))
             _notify(len(answers) * ROWS_PER_TASK, len(rows))
-        if postponed and flow_run.deployment_id:
+        if postponed and deployment.id:
             for i in postponed:  # a new run at the opening time answers everything again
                 answers[i] = [{"Row": r.row, "Status": "postponed", "Pseudonym": r.pseudonym,
                                "Message": f"outside the transfer window; opens {opens}"}
                               for r in chunks[i]]
-            schedule_again(flow_run.deployment_id, opens)
+            schedule_again(deployment.id, opens)
             break
         if postponed:
             sleep_until(opens)

@@ -19,7 +19,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -78,11 +78,13 @@ def transfer_flow(
 
 
 def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[StudyJob],
-                  options: TransferOptions,
-                  method: RetrieveMethod | None = None) -> list[dict[str, Any]]:
+                  options: TransferOptions, method: RetrieveMethod | None = None, *,
+                  continue_postponed: bool = True) -> list[dict[str, Any]]:
     """Transfer the jobs (one task run each) and return one result row per job, in order.
 
     Shared by every flow that moves studies. Validates nodes and secrets before any work.
+    Studies that meet a closed transfer window are continued later (see _continue_postponed)
+    unless `continue_postponed` is off (the continuous flow's next scheduled run does it).
     """
     logger = get_run_logger()
     source_node = settings.server(source)
@@ -97,8 +99,9 @@ def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[
     sink = make_sink(settings, destination, archive)
     ensure_node_limits(settings)
     rows = run_jobs(settings, source, sink, jobs, pseudonymizer, method, options)
-    rows = _continue_postponed(settings, source, sink, jobs, rows, pseudonymizer, method,
-                               options, archive is not None)
+    if continue_postponed:
+        rows = _continue_postponed(settings, source, sink, jobs, rows, pseudonymizer, method,
+                                   options, archive is not None)
     if isinstance(archive, ArchiveWriter):
         if any(r["status"] in ("failure", "postponed") for r in rows):
             archive.abandon()
@@ -125,7 +128,7 @@ def _continue_postponed(settings: Settings, source: str, sink: Any, jobs: list[S
         if not postponed:
             return rows
         opens = min(rows[i]["opens"] for i in postponed)
-        deployment_id = flow_run.deployment_id
+        deployment_id = deployment.id
         if deployment_id or archive:
             if deployment_id:
                 later = schedule_again(deployment_id, opens)
