@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := orthanc orthanc-dicomweb dcmtk
+APT_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium
 
 .PHONY: install system-packages demo test lint bench clean
 

@@ -35,6 +35,7 @@ class JobState:
 
     cursor: str  # YYYYMMDD: days before it have been swept (the overlap is swept again)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # study UID -> info
+    recheck: str = ""  # YYYYMMDD: where the slow re-check of swept history goes on
     transferred_total: int = 0
     runs: int = 0
 
@@ -43,6 +44,7 @@ class JobState:
         if not isinstance(data, dict) or "cursor" not in data:
             return cls(cursor=start.strftime(DATE))
         return cls(cursor=str(data["cursor"]), failed=dict(data.get("failed") or {}),
+                   recheck=str(data.get("recheck") or ""),
                    transferred_total=int(data.get("transferred_total") or 0),
                    runs=int(data.get("runs") or 0))
 

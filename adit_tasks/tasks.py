@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from prefect import task
@@ -26,7 +27,7 @@ from prefect.exceptions import ObjectNotFound
 
 from adit_tasks import find
 from adit_tasks.archive import ArchiveWriter
-from adit_tasks.association import Connection
+from adit_tasks.association import Connection, local_slot
 from adit_tasks.config import FolderNode, RetrieveMethod, ServerNode, Settings
 from adit_tasks.errors import ConfigError, NotSupported, is_retriable
 from adit_tasks.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
@@ -36,11 +37,43 @@ from adit_tasks.windows import OutsideWindow, TransferWindow
 logger = logging.getLogger(__name__)
 
 
+# Limits whose slot the current study already holds (see study_slots).
+_held: ContextVar[frozenset[str]] = ContextVar("adit_held_slots", default=frozenset())
+
+
 @contextlib.contextmanager
 def prefect_slot(node: ServerNode) -> Iterator[None]:
-    """Hold one slot of the node's global concurrency limit while an association is open."""
+    """Hold one slot of the node's global concurrency limit while an association is open.
+
+    Inside `study_slots` the study's slot is used instead of taking another: a study opens
+    its associations to one node one after the other, so the limit still bounds the open
+    associations, and a study costs two API calls per node instead of two per association.
+    """
+    if node.limit_name in _held.get():
+        yield
+        return
     with concurrency(node.limit_name, occupy=1, strict=True,
                      raise_on_lease_renewal_failure=False):
+        token = _held.set(_held.get() | {node.limit_name})
+        try:
+            yield
+        finally:
+            _held.reset(token)
+
+
+@contextlib.contextmanager
+def study_slots(*nodes: ServerNode | None) -> Iterator[None]:
+    """One slot of each node's limit for a whole study (see prefect_slot).
+
+    Studies of this process queue on a local semaphore first: Prefect's limits are polled
+    (a refused request waits a jittered Retry-After of up to 30 s), so only contention with
+    other processes and machines should ever reach the server.
+    """
+    with contextlib.ExitStack() as stack:
+        for node in nodes:
+            if node is not None:
+                stack.enter_context(local_slot(node))
+                stack.enter_context(prefect_slot(node))
         yield
 
 
@@ -142,7 +175,8 @@ def transfer_study_task(
     """
     node = settings.server(source)
     window_gate(node, window, urgent)
-    with gentle(node):
+    destination = sink.conn.node if isinstance(sink, ServerSink | DicomWebSink) else None
+    with gentle(node), study_slots(node, destination):
         return transfer_study(settings, connection(settings, node), sink, study_uid,
                               series_uids, pseudonymization=pseudonymization, method=method)
 

@@ -6,6 +6,8 @@ Meant to run from a deployment on a cron schedule. Each run:
    C-FIND, until it reaches today, its study budget is used, or the transfer window closes;
    once the backlog is done it re-checks the last `overlap_days` every run, because studies
    arrive late and grow (a study that gained instances gets the missing ones);
+   then re-checks `recheck_chunks` chunks of the history already swept, round-robin, so a
+   study filed late under an old date is found too (within history/recheck_chunks runs);
 3. saves its state after every chunk in the Prefect variable `adit_continuous_<job>`, so a
    crash or restart loses at most the chunk in flight, and re-doing it duplicates nothing
    (studies already at the destination are skipped);
@@ -25,6 +27,7 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
+from adit_tasks import windows
 from adit_tasks.config import load_settings
 from adit_tasks.continuous import (
     DATE,
@@ -36,8 +39,8 @@ from adit_tasks.continuous import (
     wanted_series,
 )
 from adit_tasks.errors import ConfigError
-from adit_tasks.tasks import connection, window_gate
-from adit_tasks.windows import OutsideWindow, clock
+from adit_tasks.tasks import connection, ensure_node_limits, window_gate
+from adit_tasks.windows import OutsideWindow
 from flows.options import TransferOptions
 from flows.transfer import StudyJob, transfer_jobs
 
@@ -64,6 +67,7 @@ def continuous_transfer_flow(
     overlap_days: int = 3,
     max_studies_per_run: int = 500,
     find_limit: int = 0,
+    recheck_chunks: int = 1,
     nodes_file: str | None = None,
 ) -> State:
     """Transfer every study of `source` that matches the filters to `destination`, past and
@@ -86,13 +90,14 @@ def continuous_transfer_flow(
     flt = StudyFilter(modality=modality, study_description=Pattern(study_description),
                       series_description=Pattern(series_description),
                       institution_name=Pattern(institution_name), min_instances=min_instances)
+    ensure_node_limits(settings)
     key = state_variable(job)
     state = JobState.load(Variable.get(key, default=None), start)
     state.runs += 1
-    today = clock().date()
+    today = windows.clock().date()
     horizon = min(end, today) if end else today
     report = {"found": 0, "transferred": 0, "already present": 0, "failed": 0,
-              "postponed": 0, "retried": 0}
+              "postponed": 0, "retried": 0, "rechecked": 0}
 
     def save() -> None:
         Variable.set(key, state.dump(), overwrite=True)
@@ -127,7 +132,7 @@ def continuous_transfer_flow(
                      for uid, info in state.failed.items()]
             report["retried"] = len(retry)
             if not run(retry):
-                raise OutsideWindow(node.name, clock())
+                raise OutsideWindow(node.name, windows.clock())
             save()
         # 2. the sweep: from the cursor, or the overlap once the backlog is done
         cursor = parse_day(state.cursor)
@@ -149,6 +154,23 @@ def continuous_transfer_flow(
             budget -= len(jobs)
             day = chunk_end + dt.timedelta(days=1)
             state.cursor = max(state.cursor, day.strftime(DATE))
+            save()
+        # 3. the slow re-check of history already swept (behind the overlap)
+        settled = min(parse_day(state.cursor), horizon - dt.timedelta(days=overlap_days))
+        for _ in range(recheck_chunks if settled > start else 0):
+            window_gate(node, options.window, options.urgent)
+            first = parse_day(state.recheck) if state.recheck else start
+            if first >= settled:
+                first = start
+            last = min(first + dt.timedelta(days=chunk_days - 1),
+                       settled - dt.timedelta(days=1))
+            jobs = [StudyJob(st.StudyInstanceUID, series, options.pseudonym)
+                    for st in find_chunk(conn, flt, first, last, find_limit or None)
+                    if (series := wanted_series(conn, flt, st)) is not None]
+            report["rechecked"] += len(jobs)
+            if not run(jobs):
+                break
+            state.recheck = (last + dt.timedelta(days=1)).strftime(DATE)
             save()
     except OutsideWindow as exc:
         logger.info("stopping: %s", exc)
