@@ -142,6 +142,30 @@ class FolderNode(_Strict):
     path: Path
 
 
+class ContinuousJob(_Strict):
+    """A continuous transfer job that `adit serve` runs on a cron schedule (see the
+    continuous_transfer flow for the meaning of each field)."""
+
+    job: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    source: str
+    destination: str
+    start_date: str
+    end_date: str = ""
+    cron: str = "*/30 * * * *"
+    modality: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    institution_name: str = ""
+    min_instances: int = Field(default=0, ge=0)
+    chunk_days: int = Field(default=7, ge=1)
+    overlap_days: int = Field(default=3, ge=0)
+    max_studies_per_run: int = Field(default=500, ge=1)
+    find_limit: int = Field(default=0, ge=0)
+    # Transfer options (pseudonymize, pseudonym, trial_id, trial_name, dates, archive, window,
+    # urgent, ...), as in flows/options.py TransferOptions.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 def _node_kind(raw: Any) -> str:
     if isinstance(raw, dict):
         return "folder" if "path" in raw else "server"
@@ -168,7 +192,7 @@ class Settings(BaseSettings):
     nodes: list[Node] = Field(default_factory=list)
     retries: int = Field(default=3, ge=0, le=20)  # retries of a retriable study failure
     retry_delay_seconds: float = Field(default=10.0, ge=0)  # first delay; doubles each retry
-    study_concurrency: int = Field(default=2, ge=1, le=64)  # studies transferred at once per run
+    continuous: list[ContinuousJob] = Field(default_factory=list)  # jobs `adit serve` schedules
 
     @field_validator("ae_title")
     @classmethod
@@ -182,6 +206,13 @@ class Settings(BaseSettings):
             if node.name in seen:
                 raise ValueError(f"duplicate node name '{node.name}'")
             seen.add(node.name)
+        jobs = [j.job for j in self.continuous]
+        for job in self.continuous:
+            if jobs.count(job.job) > 1:
+                raise ValueError(f"duplicate continuous job '{job.job}'")
+            for name in (job.source, job.destination):
+                if name not in seen:
+                    raise ValueError(f"continuous job '{job.job}': unknown node '{name}'")
         return self
 
     @classmethod

@@ -78,7 +78,12 @@ class OperationFailed(PermanentError):
 
 
 def is_retriable(exc: BaseException) -> bool:
-    """True when a retry could help; unknown exceptions count as transient (network, OS)."""
+    """True when a retry could help: ours when retriable, and network or OS errors (including
+    httpx's transport errors, e.g. the Prefect server dropping a kept-alive connection)."""
     if isinstance(exc, AditError):
         return isinstance(exc, RetriableError)
-    return isinstance(exc, OSError | TimeoutError | ConnectionError)
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    import httpx
+
+    return isinstance(exc, httpx.TransportError)

@@ -10,6 +10,7 @@ uncompressed (lossless re-encoding), otherwise the instance is reported as faile
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -17,9 +18,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import Association, build_context
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 
 from adit_tasks.association import Connection, check_status
 from adit_tasks.errors import OperationFailed, PacsBusy
@@ -75,7 +77,7 @@ def store_instances(conn: Connection, instances: Iterable[DicomInstance]) -> Sto
     pending: DicomInstance | None = next(it, None)
     while pending is not None:
         pairs.add((pending.sop_class_uid, pending.transfer_syntax_uid))
-        with conn.associate(_contexts(pairs)) as assoc:
+        with conn.associate(_contexts(pairs)) as assoc, _reactor_paused(assoc):
             tried |= pairs
             while pending is not None:
                 key = (pending.sop_class_uid, pending.transfer_syntax_uid)
@@ -100,26 +102,59 @@ def dataset_offset(data: bytes) -> int | None:
     return 144 + int.from_bytes(data[140:144], "little")
 
 
-def _send_raw(assoc: Association, instance: DicomInstance, offset: int) -> Dataset | None:
-    """C-STORE the data set bytes exactly as received, without decoding and re-encoding them
-    (pynetdicom's send_c_store only takes a Dataset or a file path). Mirrors send_c_store;
-    saves ~1.5-2 ms per instance (benchmarks/transfer.py)."""
-    context = assoc._get_valid_context(instance.sop_class_uid, instance.transfer_syntax_uid,
-                                       "scu", allow_conversion=False)
+@contextlib.contextmanager
+def _reactor_paused(assoc: Association) -> Iterator[None]:
+    """Keep pynetdicom's reactor thread away from the association's messages while we send
+    C-STOREs and read their responses ourselves (what send_c_store does per message).
+
+    Pausing once per association, not per message: re-pausing right after a resume can see
+    the reactor's stale "paused" flag, and then the reactor takes our response (seen as
+    "Received unexpected C-STORE service message" and a DIMSE timeout).
+    """
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        yield
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def _payload(assoc: Association, instance: DicomInstance) -> tuple[int, bytes]:
+    """(context ID, data set bytes): the received bytes as they are when the server accepted
+    their syntax; else re-encoded losslessly into the accepted uncompressed syntax."""
+    offset = dataset_offset(instance.data)
+    for cx in assoc.accepted_contexts:
+        if (cx.abstract_syntax == instance.sop_class_uid
+                and cx.transfer_syntax[0] == instance.transfer_syntax_uid
+                and offset is not None):
+            return cx.context_id, instance.data[offset:]
+    for cx in assoc.accepted_contexts:
+        ts = UID(cx.transfer_syntax[0])
+        if cx.abstract_syntax == instance.sop_class_uid and ts in _UNCOMPRESSED:
+            encoded = encode(instance.dataset, ts.is_implicit_VR, ts.is_little_endian)
+            if encoded is None:
+                raise ValueError("the instance could not be encoded")
+            return cx.context_id, encoded
+    raise ValueError("no accepted presentation context for the instance")
+
+
+def _send(assoc: Association, instance: DicomInstance) -> Dataset | None:
+    """One C-STORE request and its response, with the reactor paused (_reactor_paused).
+
+    Sends the data set bytes as received, without decoding and re-encoding them
+    (pynetdicom's send_c_store takes a Dataset or a file path only); saves ~1.5-2 ms per
+    instance (benchmarks/transfer.py).
+    """
+    context_id, payload = _payload(assoc, instance)
     req = C_STORE()
     req.MessageID = 1
     req.AffectedSOPClassUID = instance.sop_class_uid
     req.AffectedSOPInstanceUID = instance.sop_instance_uid
     req.Priority = 2
-    req.DataSet = io.BytesIO(instance.data[offset:])
-    assoc._reactor_checkpoint.clear()  # as send_c_store does: keep the reactor off the socket
-    try:
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        assoc.dimse.send_msg(req, context.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
+    req.DataSet = io.BytesIO(payload)
+    assoc.dimse.send_msg(req, context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()
         return None
@@ -128,16 +163,8 @@ def _send_raw(assoc: Association, instance: DicomInstance, offset: int) -> Datas
 
 def _store_one(conn: Connection, assoc: Association, instance: DicomInstance,
                result: StoreResult) -> None:
-    offset = dataset_offset(instance.data)
-    exact = any(cx.abstract_syntax == instance.sop_class_uid
-                and cx.transfer_syntax[0] == instance.transfer_syntax_uid
-                for cx in assoc.accepted_contexts)
     try:
-        if offset is not None and exact:
-            status = _send_raw(assoc, instance, offset)
-        else:  # only an uncompressed context in another syntax: pynetdicom converts
-            status = assoc.send_c_store(instance.dataset)
-        code = check_status(conn.node, "C-STORE", status)
+        code = check_status(conn.node, "C-STORE", _send(assoc, instance))
     except PacsBusy:
         raise  # the whole study is retried later
     except (OperationFailed, ValueError) as exc:
@@ -146,4 +173,4 @@ def _store_one(conn: Connection, assoc: Association, instance: DicomInstance,
     if code != 0x0000:
         result.warnings[instance.sop_instance_uid] = f"C-STORE warning 0x{code:04X}"
     result.stored.append(instance.sop_instance_uid)
-    instance.__dict__.pop("dataset", None)  # free the parsed copy; the stream moves on
+    instance.__dict__.pop("dataset", None)  # free a parsed copy, if one was made

@@ -106,9 +106,15 @@ def _post(client: Any, path: str, body: dict[str, Any]) -> httpx.Response:
     while tasks run; Prefect's client then waits 2 s per retry, which made a one-second study
     take three. Here the same request is sent again after a few milliseconds."""
     http = client._client  # Prefect's httpx client: base URL, auth headers
-    request = http.build_request("POST", path, json=body)
     for attempt in range(200):
-        response = httpx.Client.send(http, request)  # plain httpx send: no Prefect retries
+        request = http.build_request("POST", path, json=body)
+        try:
+            response = httpx.Client.send(http, request)  # plain httpx send: no Prefect retries
+        except httpx.TransportError:  # e.g. a kept-alive connection the server just closed
+            if attempt >= 5:
+                raise
+            time.sleep(0.1)
+            continue
         if response.status_code != 503:
             return response
         time.sleep(min(0.01 * (attempt + 1), 0.25))

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from flows.runtime import prepare_environment
 
@@ -56,9 +57,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def deployments(nodes_file: str) -> list:
-    """Every flow of the product as a deployment, defaults pointing at this nodes file."""
+def deployments(nodes_file: str, settings: Any = None) -> list:
+    """Every flow of the product as a deployment, defaults pointing at this nodes file, and
+    one scheduled deployment per continuous job of the nodes file."""
     from flows.batch import batch_query_flow, batch_transfer_flow
+    from flows.continuous import continuous_transfer_flow
+    from flows.options import TransferOptions
     from flows.query import query_flow
     from flows.selective_transfer import selective_transfer_flow
     from flows.transfer import transfer_flow
@@ -80,6 +84,17 @@ def deployments(nodes_file: str) -> list:
         batch_transfer_flow.to_deployment(
             name="batch-transfer", parameters=common, tags=["adit"],
             description="Transfer the studies of a CSV/Excel batch (path or pasted CSV)."),
+        continuous_transfer_flow.to_deployment(
+            name="continuous", parameters=common, tags=["adit"],
+            description="Keep a destination in sync for a cohort (run it on a schedule)."),
+    ] + [
+        continuous_transfer_flow.to_deployment(
+            name=f"continuous-{job.job}", cron=job.cron, tags=["adit", "continuous"],
+            concurrency_limit=1,  # one run of a job at a time; the next waits its turn
+            parameters={**common, **job.model_dump(exclude={"cron", "options"}),
+                        "options": TransferOptions(**job.options).model_dump()},
+            description=f"Continuous job {job.job}: {job.source} -> {job.destination}.")
+        for job in (settings.continuous if settings is not None else [])
     ]
 
 
@@ -118,7 +133,7 @@ def serve(nodes_file: Path, port: int = DEFAULT_PORT) -> int:
         ensure_node_limits(settings)
         print(f"ADIT is served. Open the Prefect UI: http://127.0.0.1:{port}  "
               "(Deployments -> pick-studies -> Run). Ctrl-C stops it.", flush=True)
-        prefect_serve(*deployments(str(Path(nodes_file).resolve())),
+        prefect_serve(*deployments(str(Path(nodes_file).resolve()), settings),
                       print_starting_message=False)
     except KeyboardInterrupt:
         pass

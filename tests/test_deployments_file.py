@@ -27,3 +27,11 @@ def test_pull_step_sets_working_directory_without_absolute_paths() -> None:
     steps = [next(iter(step)) for step in config["pull"]]
     assert steps == ["prefect.deployments.steps.set_working_directory"]
     assert str(ROOT) not in text
+
+
+def test_every_flow_of_the_product_has_a_deployment() -> None:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    entrypoints = {d["entrypoint"].split(":")[1] for d in config["deployments"]}
+    assert entrypoints == {"selective_transfer_flow", "transfer_flow", "query_flow",
+                           "batch_query_flow", "batch_transfer_flow",
+                           "continuous_transfer_flow"}

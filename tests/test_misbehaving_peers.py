@@ -316,3 +316,42 @@ def test_consumer_stopping_early_ends_c_move(receiver: Receiver) -> None:
         closed_after = time.monotonic() - started
         assert len(scp.sent) < len(datasets), "the PACS went on sending the whole study"
         assert closed_after < 2.5  # the remaining 10 instances would take 2.5 s to send
+
+
+def test_store_converts_to_the_only_syntax_a_strict_server_accepts() -> None:
+    """A server that takes Implicit VR only gets explicit-VR instances re-encoded, losslessly."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+
+    from adit_tasks.instances import DicomInstance
+    from adit_tasks.lab.synthetic import ct_study_spec
+
+    received: list[tuple[str, bytes]] = []
+
+    def on_store(event):
+        ds = event.dataset
+        received.append((str(event.context.transfer_syntax), ds.PixelData))
+        return 0x0000
+
+    ae = AE(ae_title="STRICT")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ImplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server((LOOPBACK, port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        import io as _io
+
+        datasets = list(make_study(ct_study_spec(3)))
+        instances = []
+        for ds in datasets:
+            buf = _io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            instances.append(DicomInstance.from_bytes(buf.getvalue()))
+        node = ServerNode(name="strict", ae_title="STRICT", host=LOOPBACK, port=port,
+                          timeout=10)
+        result = store_instances(Connection(node, "ADIT"), instances)
+        assert sorted(result.stored) == sorted(uids(datasets))
+        assert [ts for ts, _ in received] == [ImplicitVRLittleEndian] * 3
+        assert sorted(p for _, p in received) == sorted(ds.PixelData for ds in datasets)
+    finally:
+        server.shutdown()

@@ -35,7 +35,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 DEPLOYMENTS = {"selective-transfer": "pick-studies", "transfer": "transfer", "query": "query",
-               "batch-query": "batch-query", "batch-transfer": "batch-transfer"}
+               "batch-query": "batch-query", "batch-transfer": "batch-transfer",
+               "continuous-transfer": "continuous"}
 UIS = ["v1", "v2"]
 # Which study each UI's run ticks (index into the patient's studies): a different one each.
 PICK = {"v1": 0, "v2": 1}
