@@ -56,6 +56,8 @@ def adit(*args: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stop", action="store_true", help="stop the demo servers and exit")
+    parser.add_argument("--no-ui", action="store_true",
+                        help="do not end with `adit serve` (the web interface)")
     args = parser.parse_args()
     stop_previous()
     if args.stop:
@@ -114,6 +116,12 @@ def main() -> None:
     print("\nThe same pseudonymized transfer again: nothing is sent twice.")
     failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
                      "--study", specs[2].study_uid, "--pseudonym", "SUBJECT-001") != 0
+    print("\nBatch files (examples/): find studies, then transfer a list pseudonymized.")
+    failures += adit("batch-query", "examples/batch_query.csv", "--source", "pacs1",
+                     "--out", str(DEMO_DIR / "found.csv")) != 0
+    failures += adit("batch-transfer", "examples/batch_transfer.csv", "--source", "pacs1",
+                     "--destination", "downloads", "--pseudonymize",
+                     "--out", str(DEMO_DIR / "transferred.csv")) != 0
     written = len(list((DEMO_DIR / "downloads").rglob("*.dcm")))
     archives = [p.name for p in (DEMO_DIR / "downloads").glob("*.7z")]
     print(f"\nDemo done: {written} files and the archive(s) {', '.join(archives)} in "
@@ -121,7 +129,15 @@ def main() -> None:
           f"{research.instance_count()} instances on pacs2 ({research.url}).")
     print(f"Try more:  ADIT_NODES_FILE={DEMO_DIR}/nodes.yaml .venv/bin/adit --help")
     print("Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")
-    sys.exit(1 if failures else 0)
+    if failures:
+        print(f"\n{failures} demo step(s) failed (see above).")
+        sys.exit(1)
+    if args.no_ui:
+        return
+    print("\nNow the web interface. In the Prefect UI: Deployments -> pick-studies -> Run ->"
+          " Custom run (source pacs1, destination downloads or pacs2, e.g. patient ID"
+          f" {ct.patient_id}); open the run and press Resume to tick studies.\n")
+    sys.exit(adit("serve"))
 
 
 if __name__ == "__main__":
