@@ -30,7 +30,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from adit_tasks.errors import ConfigError, InvalidInput, UnknownNode
+from adit_tasks.errors import ConfigError, UnknownNode
+from adit_tasks.windows import check_window_text
 
 DEFAULT_NODES_FILE = Path("nodes.yaml")
 RetrieveMethod = Literal["c-get", "c-move", "wado-rs"]
@@ -85,16 +86,7 @@ class ServerNode(_Strict):
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
 
-    @field_validator("transfer_window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        from adit_tasks.windows import TransferWindow
-
-        try:
-            TransferWindow.parse(value)
-        except InvalidInput as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    _window = field_validator("transfer_window")(check_window_text)
 
     @field_validator("dicomweb_url")
     @classmethod

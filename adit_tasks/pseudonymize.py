@@ -150,6 +150,17 @@ _CODES = {
 }
 
 
+# Option column of the PS3.15 table -> its CID 7050 code (None: no column of its own).
+_OPTION_CODES: dict[str | None, str] = {
+    "clean_desc_opt": "clean_descriptors",
+    "rtn_long_full_dates_opt": "full_dates",
+    "rtn_long_modif_dates_opt": "modified_dates",
+    "rtn_pat_chars_opt": "patient_characteristics",
+    "rtn_dev_id_opt": "device_identity",
+    None: "safe_private",
+}
+
+
 class Pseudonymizer:
     """Keyed, deterministic pseudonymization of instances (see the module docstring)."""
 
@@ -158,7 +169,7 @@ class Pseudonymizer:
             raise PermanentError("a pseudonymization secret is required")
         self._key = secret.encode() if isinstance(secret, str) else secret
         self.options = options or PseudonymizationOptions()
-        self._active = self._active_option_columns()
+        self._active = [column for column, _ in self._active_options() if column]
         self._actions: dict[tuple[int, str], tuple[str, bool]] = {}  # per (tag, VR)
 
     # --- keyed derivations ------------------------------------------------------------------
@@ -182,20 +193,18 @@ class Pseudonymizer:
 
     # --- the profile -------------------------------------------------------------------------
 
-    def _active_option_columns(self) -> list[str]:
+    def _active_options(self) -> list[tuple[str | None, str]]:
+        """(table column, CID 7050 code key) of every option in use."""
         o = self.options
-        columns = []
-        if o.clean_descriptors:
-            columns.append("clean_desc_opt")
-        if o.dates == "keep":
-            columns.append("rtn_long_full_dates_opt")
-        elif o.dates == "shift":
-            columns.append("rtn_long_modif_dates_opt")
-        if o.retain_patient_characteristics:
-            columns.append("rtn_pat_chars_opt")
-        if o.retain_device_identity:
-            columns.append("rtn_dev_id_opt")
-        return columns
+        active = {
+            "clean_desc_opt": o.clean_descriptors,
+            "rtn_long_full_dates_opt": o.dates == "keep",
+            "rtn_long_modif_dates_opt": o.dates == "shift",
+            "rtn_pat_chars_opt": o.retain_patient_characteristics,
+            "rtn_dev_id_opt": o.retain_device_identity,
+            None: bool(o.safe_private_creators),  # handled by the private-tag rule
+        }
+        return [(column, code) for column, code in _OPTION_CODES.items() if active[column]]
 
     def _action(self, tag: BaseTag, vr: str) -> tuple[str, bool]:
         """(action, listed): the action for an element, and whether the table lists it."""
@@ -326,19 +335,7 @@ class Pseudonymizer:
     def _declare(self, ds: Dataset, pseudonym: str) -> None:
         o = self.options
         ds.PatientIdentityRemoved = "YES"
-        codes = ["basic"]
-        if o.clean_descriptors:
-            codes.append("clean_descriptors")
-        if o.dates == "keep":
-            codes.append("full_dates")
-        elif o.dates == "shift":
-            codes.append("modified_dates")
-        if o.retain_patient_characteristics:
-            codes.append("patient_characteristics")
-        if o.retain_device_identity:
-            codes.append("device_identity")
-        if o.safe_private_creators:
-            codes.append("safe_private")
+        codes = ["basic"] + [code for _, code in self._active_options()]
         items = []
         for key in codes:
             item = Dataset()

@@ -110,6 +110,15 @@ class TransferWindow:
         return max(ends) if ends else None
 
 
+def check_window_text(value: str) -> str:
+    """A pydantic validator: the text when it is a valid window, else ValueError."""
+    try:
+        TransferWindow.parse(value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 _RULE = re.compile(
     r"^(?P<days>daily|[a-z]{3}(?:\s*-\s*[a-z]{3})?(?:\s*,\s*[a-z]{3}(?:\s*-\s*[a-z]{3})?)*)"
     r"\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})$", re.IGNORECASE)

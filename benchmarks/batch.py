@@ -34,33 +34,33 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import functools
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import yaml  # noqa: E402
+import yaml
 
-from adit_tasks.association import Connection  # noqa: E402
-from adit_tasks.batch_file import BatchRow, read_batch_file  # noqa: E402
-from adit_tasks.batch_query import query_row  # noqa: E402
-from adit_tasks.config import Settings, load_settings  # noqa: E402
-from adit_tasks.lab.servers import OrthancServer  # noqa: E402
-from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study  # noqa: E402
-from adit_tasks.sinks import ServerSink  # noqa: E402
-from adit_tasks.transfer import transfer_study  # noqa: E402
+from adit_tasks.association import Connection
+from adit_tasks.batch_file import BatchRow, read_batch_file
+from adit_tasks.batch_query import query_row
+from adit_tasks.config import Settings, load_settings
+from adit_tasks.lab.servers import OrthancServer
+from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
+from adit_tasks.sinks import ServerSink
+from adit_tasks.transfer import transfer_study
 
 LOOPBACK = "127.0.0.1"
 ADIT_AE = "ADIT"
@@ -241,7 +241,7 @@ class Row:
         inst = f"{self.instances / self.seconds:8.1f}" if self.instances else f"{'':>8}"
         over = "" if self.overhead is None else (
             f"{100 * self.overhead:6.1f} %" + (" !" if self.overhead > TARGET else ""))
-        return (f"{self.scenario:<9} {self.how:<30} {self.seconds:8.2f} "
+        return (f"{self.scenario:<9} {self.how:<36} {self.seconds:8.2f} "
                 f"{self.studies / self.seconds:9.1f} {inst} {over}")
 
 
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmax_associations {args.max_associations} per node, {os.cpu_count()} CPUs; "
               f"overhead = (flow - no-Prefect {THREADS} threads) / flow, target < "
               f"{100 * TARGET:.0f} % ('!' = missed)\n")
-        print(f"{'scenario':<9} {'how':<30} {'seconds':>8} {'studies/s':>9} {'inst/s':>8} "
+        print(f"{'scenario':<9} {'how':<36} {'seconds':>8} {'studies/s':>9} {'inst/s':>8} "
               f"{'overhead':>8}")
         for row in rows:
             print(row.line())

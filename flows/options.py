@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adit_tasks.archive import ArchiveWriter
 from adit_tasks.config import FolderNode, SecretSettings, ServerNode, Settings
-from adit_tasks.errors import ConfigError, InvalidInput
+from adit_tasks.errors import ConfigError
 from adit_tasks.folder import safe_component
 from adit_tasks.pseudonymize import PseudonymizationOptions, Pseudonymizer
-from adit_tasks.windows import TransferWindow
+from adit_tasks.windows import check_window_text
 
 PSEUDONYM_SECRET_BLOCK = "adit-pseudonym-secret"
 ARCHIVE_PASSWORD_BLOCK = "adit-archive-password"
@@ -51,14 +51,7 @@ class TransferOptions(BaseModel):
                         "20:00-06:00; Sat-Sun 00:00-24:00'; empty: the source node's.")
     urgent: bool = Field(False, description="Ignore the transfer window.")
 
-    @field_validator("window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        try:
-            TransferWindow.parse(value)
-        except InvalidInput as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    _window = field_validator("window")(check_window_text)
 
     @property
     def pseudonymizing(self) -> bool:
