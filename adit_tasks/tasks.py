@@ -24,7 +24,6 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.concurrency.sync import rate_limit
 from prefect.exceptions import ObjectNotFound
 
 from adit_tasks import find
@@ -78,18 +77,25 @@ def prefect_slot(node: ServerNode) -> Iterator[None]:
 
 
 def _acquire(client: Any, name: str) -> Any:
+    """Take a slot of a concurrency limit with a lease; returns the lease ID."""
     body = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_SECONDS}
+    return _take(client, "/v2/concurrency_limits/increment-with-lease", name, body)["lease_id"]
+
+
+def _take(client: Any, path: str, name: str, body: dict[str, Any]) -> Any:
+    """POST until the server grants the slot (423: wait as it says, at most MAX_POLL_SECONDS)."""
     while True:
-        response = _post(client, "/v2/concurrency_limits/increment-with-lease", body)
+        response = _post(client, path, body)
         if response.status_code == 423:
             time.sleep(min(float(response.headers.get("Retry-After", 1)), MAX_POLL_SECONDS))
             continue
         response.raise_for_status()
         data = response.json()
-        if not data.get("limits"):
-            raise ConfigError(f"Prefect concurrency limit '{name}' does not exist "
+        limits = data.get("limits") if isinstance(data, dict) else data
+        if not limits:
+            raise ConfigError(f"Prefect limit '{name}' does not exist "
                               "(ensure_node_limits creates it when a flow starts)")
-        return data["lease_id"]
+        return data
 
 
 def _release(client: Any, lease_id: Any) -> None:
@@ -188,7 +194,9 @@ def window_gate(node: ServerNode, window: str = "", urgent: bool = False) -> Non
 def gentle(node: ServerNode) -> Iterator[None]:
     """The node's load limits around one study: rate limit before, pause after."""
     if node.studies_per_minute:
-        rate_limit(node.rate_limit_name, occupy=1, strict=True)
+        with get_client(sync_client=True) as client:
+            _take(client, "/v2/concurrency_limits/increment", node.rate_limit_name,
+                  {"names": [node.rate_limit_name], "slots": 1, "mode": "rate_limit"})
     yield
     if node.pause_between_studies:
         time.sleep(node.pause_between_studies)

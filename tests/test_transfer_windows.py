@@ -167,3 +167,29 @@ def test_run_started_by_hand_waits_for_the_window_then_transfers(prefect_server,
                              return_state=True).result()
     assert waited == [at(0, "20:00")]
     assert [r["status"] for r in rows] == ["success", "success"]
+
+
+def test_rate_limit_takes_one_slot_per_study(prefect_server, tmp_path, monkeypatch) -> None:
+    """studies_per_minute is a Prefect rate limit shared by every run: each study takes a
+    slot that decays at the allowed rate (3/min: a slot frees every 20 s)."""
+    from prefect.client.orchestration import get_client
+
+    uids, datasets = studies(3)
+    with MisbehavingSCP(datasets) as scp:
+        settings = Settings(nodes=[
+            {"name": "gentle", "ae_title": scp.ae_title, "host": "127.0.0.1",
+             "port": scp.port, "studies_per_minute": 3},
+            {"name": "out", "path": str(tmp_path)}])
+
+        @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
+        def harness() -> list[dict]:
+            ensure_node_limits(settings)
+            return run_jobs(settings, "gentle", make_sink(settings, "out"),
+                            [StudyJob(uid) for uid in uids], None, None, TransferOptions())
+
+        rows = harness()
+    assert [r["status"] for r in rows] == ["success"] * 3
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name("adit-rate-gentle")
+    assert limit.limit == 3 and limit.slot_decay_per_second == pytest.approx(0.05)
+    assert limit.active_slots == 3
