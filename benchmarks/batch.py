@@ -223,6 +223,60 @@ def print_breakdown(meter: Meter, wall: float, dicom_label: str, tasks: int) -> 
           f"ms/task); leases: {lease:.2f} s; DICOM: {dicom:.2f} s")
 
 
+# ------------------------------------------------------------------------------ what-ifs
+
+
+@contextlib.contextmanager
+def what_if(*changes: str) -> Iterator[None]:
+    """Simulate suggested product changes by patching module attributes (restored on exit):
+
+    * ``chunk-lease``: ``query_rows_task`` holds one lease for its whole chunk
+      (``study_slots(node)`` around the rows) instead of one per row's association;
+    * ``shared-client``: one Prefect client for every lease call instead of
+      ``get_client()`` per lease (and per renewer thread);
+    * ``no-progress``: no ``update_progress_artifact`` per finished task run.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    import adit_tasks.tasks as tasks
+    import flows.batch as fb
+    import flows.transfer as ft
+
+    patches: list[tuple[Any, str, Any]] = []
+
+    def patch(obj: Any, name: str, new: Any) -> None:
+        patches.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, new)
+
+    shared = None
+    if "chunk-lease" in changes:
+        @task(name="query-rows", cache_policy=NO_CACHE)
+        def query_rows_one_lease(settings: Settings, source: str, rows: list[BatchRow],
+                                 level: str, window: str = "",
+                                 urgent: bool = False) -> list[dict[str, Any]]:
+            node = settings.server(source)
+            tasks.window_gate(node, window, urgent)
+            conn = tasks.connection(settings, node)
+            with tasks.study_slots(node):
+                return [r for row in rows for r in query_row(conn, row, level)]
+
+        patch(fb, "query_rows_task", query_rows_one_lease)
+    if "shared-client" in changes:
+        shared = tasks.get_client(sync_client=True).__enter__()  # reentrant: never closed
+        patch(tasks, "get_client", lambda *a, **k: shared)
+    if "no-progress" in changes:
+        for mod in (fb, ft):
+            patch(mod, "update_progress_artifact", lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(patches):
+            setattr(obj, name, old)
+        if shared is not None:
+            shared.__exit__(None, None, None)
+
+
 # ------------------------------------------------------------------------------ results
 
 
@@ -331,6 +385,13 @@ def bench_query(csv: Path, nodes: Path, settings: Settings, n: int, out: Path) -
         with instrumented(meter):
             t_ins, _ = timed(flow)
         print_breakdown(meter, t_ins, "DICOM query_row", -(-n // ROWS_PER_TASK))
+        for changes in (("chunk-lease",), ("chunk-lease", "shared-client")):
+            with what_if(*changes):
+                t_what, state = timed(flow)
+            print(f"  what-if {'+'.join(changes)}: {t_what:.2f} s "
+                  f"({status_counts(flow_rows(state))})")
+            result.append(Row("query", f"what-if {'+'.join(changes)}", t_what, n, 0,
+                              (t_what - t_par) / t_what))
     return result
 
 
@@ -386,6 +447,15 @@ def bench_transfer(csv: Path, nodes: Path, settings: Settings, uids: list[str],
         with instrumented(meter):
             t_ins, _ = timed(flow)
         print_breakdown(meter, t_ins, "DICOM transfer_study", n)
+        for changes in (("shared-client",), ("shared-client", "no-progress")):
+            fresh()
+            with what_if(*changes):
+                t_what, state = timed(flow)
+            print(f"  what-if {'+'.join(changes)}: {t_what:.2f} s "
+                  f"({status_counts(flow_rows(state))})")
+            check("what-if")
+            result.append(Row("transfer", f"what-if {'+'.join(changes)}", t_what, n,
+                              instances, (t_what - t_par) / t_what))
     return result
 
 
