@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
-    create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment
@@ -25,10 +23,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from adit_tasks.batch_file import BatchRow, read_batch_file, write_results
 from adit_tasks.batch_query import query_row
 from adit_tasks.config import RetrieveMethod, Settings, load_settings
+from adit_tasks.leases import node_slots
 from adit_tasks.tasks import connection, ensure_node_limits, window_gate, with_retries
 from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions
-from flows.transfer import StudyJob, schedule_again, transfer_jobs
+from flows.transfer import Progress, StudyJob, schedule_again, transfer_jobs
 
 ROWS_PER_TASK = 20  # a task run per chunk keeps orchestration well under 10% of the work
 
@@ -40,7 +39,8 @@ def query_rows_task(settings: Settings, source: str, rows: list[BatchRow], level
     node = settings.server(source)
     window_gate(node, window, urgent)
     conn = connection(settings, node)
-    return [result for row in rows for result in query_row(conn, row, level)]
+    with node_slots(node):  # one slot for the chunk: its queries run one after the other
+        return [result for row in rows for result in query_row(conn, row, level)]
 
 
 @flow(name="batch-query", flow_run_name="batch-query-{source}",
@@ -67,7 +67,7 @@ def batch_query_flow(
     ensure_node_limits(settings)
     task_ = with_retries(query_rows_task, settings)
     chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
-    progress = create_progress_artifact(0.0, description="batch rows answered")
+    progress = Progress("batch rows answered")
     answers: dict[int, list[dict[str, Any]]] = {}
     pending = list(range(len(chunks)))
     while pending:
@@ -86,7 +86,7 @@ def batch_query_flow(
                 answer = [{"Row": r.row, "Status": "failure", "Message": str(answer),
                            "Pseudonym": r.pseudonym} for r in chunks[i]]
             answers[i] = answer
-            update_progress_artifact(progress, 100.0 * len(answers) / len(chunks))
+            progress.update(len(answers), len(chunks))
             _notify(len(answers) * ROWS_PER_TASK, len(rows))
         if postponed and deployment.id:
             for i in postponed:  # a new run at the opening time answers everything again

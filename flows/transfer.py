@@ -9,6 +9,7 @@ blocks, never from flow parameters, which the Prefect server stores and shows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,22 @@ from flows.options import TransferOptions, make_pseudonymizer, open_archive
 
 # Called with (finished, total) as studies finish; the CLI sets it to draw a progress bar.
 progress_listener: Callable[[int, int], None] | None = None
+
+
+class Progress:
+    """A Prefect progress artifact, updated at most every few seconds (each update is an API
+    call: 30-40 ms per study on a busy server) and at the end."""
+
+    def __init__(self, description: str, every: float = 3.0) -> None:
+        self._id = create_progress_artifact(0.0, description=description)
+        self._every = every
+        self._last = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last >= self._every:
+            update_progress_artifact(self._id, 100.0 * done / max(total, 1))
+            self._last = now
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,7 @@ def run_jobs(settings: Settings, source: str, sink: Any, jobs: list[StudyJob],
     """One task run per job; one result row per job, in the order given."""
     options = options or TransferOptions()
     task = with_retries(transfer_study_task, settings)
-    progress = create_progress_artifact(0.0, description="studies finished")
+    progress = Progress("studies finished")
     futures = [
         task.with_options(task_run_name=f"study-{i}").submit(
             settings, source, sink, job.study_uid, job.series_uids,
@@ -192,7 +209,7 @@ def run_jobs(settings: Settings, source: str, sink: Any, jobs: list[StudyJob],
                     "expected": outcome.expected, "transferred": outcome.transferred,
                     "skipped": outcome.skipped, "message": outcome.message}
         rows.append(row)
-        update_progress_artifact(progress, 100.0 * i / len(jobs))
+        progress.update(i, len(jobs))
         if progress_listener:
             progress_listener(i, len(jobs))
     return rows
