@@ -17,10 +17,7 @@ Then, each after one untimed warm-up:
   ``transfer_study`` calls without Prefect, sequentially and with 4 threads.
 
 Prints studies/s, instances/s and the share of the flow's wall time spent outside DICOM work,
-``(flow - DICOM-only with 4 threads) / flow`` (target: under 10 %). When a flow misses the
-target, one more instrumented run shows where the time goes: Prefect task submission and the
-task engine, the concurrency-lease calls of ``adit_tasks.tasks`` (``prefect_slot``,
-``_acquire``, ``_release``), artifacts and the rest of the flow body.
+``(flow - DICOM-only with 4 threads) / flow`` (target: under 10 %).
 
 Run: ``.venv/bin/python benchmarks/batch.py [--studies 1000] [--transfer 200]``
 """
@@ -35,16 +32,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import argparse
-import contextlib
-import functools
 import logging
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -107,174 +101,6 @@ def write_nodes_file(path: Path, source: OrthancServer, dest: OrthancServer, fol
         {"name": "folder", "path": str(folder)},
     ]}))
     return path
-
-
-# ---------------------------------------------------------------------- instrumentation
-
-
-class Meter:
-    """Thread-safe sums of seconds and call counts per label."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def add(self, label: str, seconds: float) -> None:
-        with self.lock:
-            self.seconds[label] += seconds
-            self.calls[label] += 1
-
-    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add(label, time.perf_counter() - start)
-        return timed
-
-    def wrap_cm(self, label: str, cm: Callable[..., Any]) -> Callable[..., Any]:
-        """A context manager factory whose enter and exit are timed (not its body)."""
-        @contextlib.contextmanager
-        def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            start = time.perf_counter()
-            inner = cm(*args, **kwargs)
-            value = inner.__enter__()
-            self.add(f"{label} enter", time.perf_counter() - start)
-            try:
-                yield value
-            except BaseException:
-                start = time.perf_counter()
-                if not inner.__exit__(*sys.exc_info()):
-                    self.add(f"{label} exit", time.perf_counter() - start)
-                    raise
-                self.add(f"{label} exit", time.perf_counter() - start)
-            else:
-                start = time.perf_counter()
-                inner.__exit__(None, None, None)
-                self.add(f"{label} exit", time.perf_counter() - start)
-        return timed
-
-
-@contextlib.contextmanager
-def instrumented(meter: Meter) -> Iterator[None]:
-    """Patch timing wrappers into the flow modules, Prefect and adit_tasks.tasks (restored on
-    exit). Only module attributes are replaced; no product code changes."""
-    import prefect.task_engine
-    import prefect.task_runners
-
-    import adit_tasks.tasks as tasks
-    import flows.batch as fb
-    import flows.transfer as ft
-
-    patches: list[tuple[Any, str, Any]] = []
-
-    def patch(obj: Any, name: str, new: Any) -> None:
-        patches.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, new)
-
-    # prefect_slot is looked up at call time by connection() and study_slots().
-    patch(tasks, "prefect_slot", meter.wrap_cm("lease prefect_slot", tasks.prefect_slot))
-    patch(tasks, "_acquire", meter.wrap("lease _acquire (POST)", tasks._acquire))
-    patch(tasks, "_release", meter.wrap("lease _release (POST)", tasks._release))
-    patch(tasks, "get_client", meter.wrap("lease get_client()", tasks.get_client))
-    patch(tasks, "transfer_study", meter.wrap("DICOM transfer_study", tasks.transfer_study))
-    patch(fb, "query_row", meter.wrap("DICOM query_row", fb.query_row))
-    for mod in (fb, ft):
-        for name in ("create_progress_artifact", "update_progress_artifact",
-                     "create_table_artifact"):
-            patch(mod, name, meter.wrap(f"artifact {name}", getattr(mod, name)))
-        patch(mod, "ensure_node_limits",
-              meter.wrap("flow ensure_node_limits", mod.ensure_node_limits))
-    patch(fb, "read_batch_file", meter.wrap("flow read_batch_file", fb.read_batch_file))
-    runner = prefect.task_runners.ThreadPoolTaskRunner
-    patch(runner, "submit", meter.wrap("task submit (main thread)", runner.submit))
-    # ThreadPoolTaskRunner imports run_task_sync at call time: the whole task run in a worker.
-    patch(prefect.task_engine, "run_task_sync",
-          meter.wrap("task run_task_sync (worker)", prefect.task_engine.run_task_sync))
-    engine = prefect.task_engine.SyncTaskRunEngine
-    patch(engine, "set_state", meter.wrap("task set_state", engine.set_state))
-    patch(engine, "begin_run", meter.wrap("task begin_run", engine.begin_run))
-    try:
-        yield
-    finally:
-        for obj, name, old in reversed(patches):
-            setattr(obj, name, old)
-
-
-def print_breakdown(meter: Meter, wall: float, dicom_label: str, tasks: int) -> None:
-    """Where an instrumented flow run spent its time (thread-seconds summed over threads)."""
-    s, c = meter.seconds, meter.calls
-    print(f"\n  instrumented run: {wall:.2f} s wall, {tasks} task runs; seconds summed over "
-          f"all threads (4 workers: /4 ~ wall)")
-    print(f"  {'what':<42} {'calls':>6} {'total s':>8} {'ms/call':>8} {'ms/task':>8}")
-    for label in sorted(s, key=lambda k: -s[k]):
-        print(f"  {label:<42} {c[label]:>6} {s[label]:>8.2f} "
-              f"{1000 * s[label] / c[label]:>8.2f} {1000 * s[label] / max(tasks, 1):>8.2f}")
-    engine = s["task run_task_sync (worker)"]
-    dicom = s[dicom_label]
-    lease = s["lease prefect_slot enter"] + s["lease prefect_slot exit"]
-    if dicom_label == "DICOM query_row":  # the slot is taken inside query_row's associations
-        dicom -= lease
-    print(f"  => task engine outside the task's DICOM work and leases: "
-          f"{engine - dicom - lease:.2f} s ({1000 * (engine - dicom - lease) / tasks:.1f} "
-          f"ms/task); leases: {lease:.2f} s; DICOM: {dicom:.2f} s")
-
-
-# ------------------------------------------------------------------------------ what-ifs
-
-
-@contextlib.contextmanager
-def what_if(*changes: str) -> Iterator[None]:
-    """Simulate suggested product changes by patching module attributes (restored on exit):
-
-    * ``chunk-lease``: ``query_rows_task`` holds one lease for its whole chunk
-      (``study_slots(node)`` around the rows) instead of one per row's association;
-    * ``shared-client``: one Prefect client for every lease call instead of
-      ``get_client()`` per lease (and per renewer thread);
-    * ``no-progress``: no ``update_progress_artifact`` per finished task run.
-    """
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    import adit_tasks.tasks as tasks
-    import flows.batch as fb
-    import flows.transfer as ft
-
-    patches: list[tuple[Any, str, Any]] = []
-
-    def patch(obj: Any, name: str, new: Any) -> None:
-        patches.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, new)
-
-    shared = None
-    if "chunk-lease" in changes:
-        @task(name="query-rows", cache_policy=NO_CACHE)
-        def query_rows_one_lease(settings: Settings, source: str, rows: list[BatchRow],
-                                 level: str, window: str = "",
-                                 urgent: bool = False) -> list[dict[str, Any]]:
-            node = settings.server(source)
-            tasks.window_gate(node, window, urgent)
-            conn = tasks.connection(settings, node)
-            with tasks.study_slots(node):
-                return [r for row in rows for r in query_row(conn, row, level)]
-
-        patch(fb, "query_rows_task", query_rows_one_lease)
-    if "shared-client" in changes:
-        shared = tasks.get_client(sync_client=True).__enter__()  # reentrant: never closed
-        patch(tasks, "get_client", lambda *a, **k: shared)
-    if "no-progress" in changes:
-        for mod in (fb, ft):
-            patch(mod, "update_progress_artifact", lambda *a, **k: None)
-    try:
-        yield
-    finally:
-        for obj, name, old in reversed(patches):
-            setattr(obj, name, old)
-        if shared is not None:
-            shared.__exit__(None, None, None)
 
 
 # ------------------------------------------------------------------------------ results
@@ -380,18 +206,6 @@ def bench_query(csv: Path, nodes: Path, settings: Settings, n: int, out: Path) -
     result = [Row("query", "batch_query_flow (4 workers)", t_flow, n, 0, overhead),
               Row("query", "query_row, no Prefect, 1 thread", t_seq, n),
               Row("query", f"query_row, no Prefect, {THREADS} thr.", t_par, n)]
-    if overhead > TARGET:
-        meter = Meter()
-        with instrumented(meter):
-            t_ins, _ = timed(flow)
-        print_breakdown(meter, t_ins, "DICOM query_row", -(-n // ROWS_PER_TASK))
-        for changes in (("chunk-lease",), ("chunk-lease", "shared-client")):
-            with what_if(*changes):
-                t_what, state = timed(flow)
-            print(f"  what-if {'+'.join(changes)}: {t_what:.2f} s "
-                  f"({status_counts(flow_rows(state))})")
-            result.append(Row("query", f"what-if {'+'.join(changes)}", t_what, n, 0,
-                              (t_what - t_par) / t_what))
     return result
 
 
@@ -441,21 +255,6 @@ def bench_transfer(csv: Path, nodes: Path, settings: Settings, uids: list[str],
               Row("transfer", "transfer_study, no Prefect, 1 thr.", t_seq, n, instances),
               Row("transfer", f"transfer_study, no Prefect, {THREADS} thr.", t_par, n,
                   instances)]
-    if overhead > TARGET:
-        fresh()
-        meter = Meter()
-        with instrumented(meter):
-            t_ins, _ = timed(flow)
-        print_breakdown(meter, t_ins, "DICOM transfer_study", n)
-        for changes in (("shared-client",), ("shared-client", "no-progress")):
-            fresh()
-            with what_if(*changes):
-                t_what, state = timed(flow)
-            print(f"  what-if {'+'.join(changes)}: {t_what:.2f} s "
-                  f"({status_counts(flow_rows(state))})")
-            check("what-if")
-            result.append(Row("transfer", f"what-if {'+'.join(changes)}", t_what, n,
-                              instances, (t_what - t_par) / t_what))
     return result
 
 
