@@ -29,7 +29,7 @@ from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions
 from flows.transfer import Progress, StudyJob, schedule_again, transfer_jobs
 
-ROWS_PER_TASK = 20  # a task run per chunk keeps orchestration well under 10% of the work
+ROWS_PER_TASK = 50  # a task run per chunk keeps orchestration small against the work
 
 
 @task(name="query-rows", cache_policy=NO_CACHE)
