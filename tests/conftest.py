@@ -55,6 +55,18 @@ class Lab:
     def settings(self, **overrides: object) -> Settings:
         return load_settings(self.nodes_file).model_copy(update=overrides)
 
+    def nodes_file_in(self, tmp_path: Path, *extra_nodes: dict) -> str:
+        """A copy of the lab's nodes file whose `downloads` folder is tmp_path/downloads,
+        with `extra_nodes` added; its path."""
+        config = yaml.safe_load(self.nodes_file.read_text())
+        for node in config["nodes"]:
+            if node["name"] == "downloads":
+                node["path"] = str(tmp_path / "downloads")
+        config["nodes"] += list(extra_nodes)
+        path = tmp_path / "nodes.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
     def connection(self, name: str, settings: Settings | None = None) -> Connection:
         settings = settings or self.settings()
         return Connection(settings.server(name), settings.ae_title)

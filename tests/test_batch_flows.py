@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 
 from adit_tasks.batch_file import read_batch_file
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
@@ -38,15 +37,6 @@ def extra(lab, tmp_path_factory):
     return present, twin
 
 
-def nodes(lab, tmp_path: Path) -> str:
-    config = yaml.safe_load(lab.nodes_file.read_text())
-    for node in config["nodes"]:
-        if node["name"] == "downloads":
-            node["path"] = str(tmp_path / "downloads")
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -61,8 +51,8 @@ def test_fifty_study_uids_ten_absent_are_answered_exactly(lab, extra, prefect_se
     batch = tmp_path / "list.csv"
     batch.write_text("StudyInstanceUID\n" + "\n".join(uids) + "\n")
     out = tmp_path / "answer.csv"
-    state = batch_query_flow(str(batch), "orthanc1", str(out), nodes_file=nodes(lab, tmp_path),
-                             return_state=True)
+    state = batch_query_flow(str(batch), "orthanc1", str(out),
+                             nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = read_csv(out)
     assert len(rows) == 50 and state.is_completed()
     by_uid = {r["StudyInstanceUID"]: r for r in rows}
@@ -81,7 +71,7 @@ def test_name_and_birth_date_find_patient_ids_and_report_twins(lab, extra, prefe
     last, first = unique.patient_name.split("^")[:2]
     batch = (f"PatientName,PatientBirthDate\n\"{last}, {first}\",{unique.birth_date}\n"
              f"{twin.patient_name},{twin.birth_date}\nNobody^Here,2000-01-01\n")
-    state = batch_query_flow(batch, "orthanc1", nodes_file=nodes(lab, tmp_path),
+    state = batch_query_flow(batch, "orthanc1", nodes_file=lab.nodes_file_in(tmp_path),
                              return_state=True)
     rows = state.result()
     first_row = [r for r in rows if r["Row"] == 2]
@@ -109,7 +99,7 @@ def test_batch_transfer_of_several_patients_with_pseudonyms(lab, prefect_server,
     out = tmp_path / "result.xlsx"
     state = batch_transfer_flow(str(batch), "orthanc1", "downloads",
                                 TransferOptions(pseudonymize=True), str(out),
-                                nodes_file=nodes(lab, tmp_path), return_state=True)
+                                nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
     assert [r["Status"] for r in rows] == ["success"] * len(specs)
     assert [r["Instances"] for r in rows] == [s.instance_count for s in specs]
@@ -126,9 +116,9 @@ def test_query_result_file_is_a_transfer_input(lab, prefect_server, tmp_path):
     spec = lab.demo[0]
     batch = f"PatientID,Modality\n{spec.patient_id},\nNOSUCHPATIENT,CT\n"
     out = tmp_path / "found.csv"
-    batch_query_flow(batch, "orthanc1", str(out), nodes_file=nodes(lab, tmp_path))
+    batch_query_flow(batch, "orthanc1", str(out), nodes_file=lab.nodes_file_in(tmp_path))
     state = batch_transfer_flow(str(out), "orthanc1", "downloads",
-                                nodes_file=nodes(lab, tmp_path), return_state=True)
+                                nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
     found = [s for s in lab.demo if s.patient_id == spec.patient_id]
     assert sorted(r["Status"] for r in rows) == sorted(["success"] * len(found) + ["skipped"])
@@ -154,11 +144,10 @@ def test_cli_rejects_a_bad_file_before_any_work(lab, tmp_path):
 def test_cli_batch_query_writes_the_result_file(lab, prefect_server, tmp_path):
     out = tmp_path / "r.xlsx"
     example = Path(__file__).resolve().parents[1] / "examples" / "batch_query.csv"
-    demo_nodes = tmp_path / "nodes.yaml"
-    nodes(lab, tmp_path)
+    demo_nodes = lab.nodes_file_in(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "batch-query", str(example), "--source",
-         "orthanc1", "--out", str(out), "--nodes-file", str(demo_nodes)],
+         "orthanc1", "--out", str(out), "--nodes-file", demo_nodes],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "PREFECT_API_URL": prefect_server})
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -161,14 +160,13 @@ def test_stalled_server_times_out(operation: str) -> None:
     stall = 8.0
     with MisbehavingSCP(datasets, stall_seconds=stall) as scp:
         conn = connect(scp, timeout=1.0)
-        started = time.monotonic()
         with pytest.raises(DimseTimeout):
             if operation == "c-find":
                 find_studies(conn, Query(study_uid=study_uid))
             else:
                 drain(get_study(conn, study_uid))
-        # It gave up on its own instead of waiting for the server to answer.
-        assert time.monotonic() - started < stall
+        # It gave up on its own: the stalled server never got to answer.
+        assert not scp.sent
 
 
 def test_failed_sub_operations_are_incomplete_retrieval() -> None:
@@ -276,9 +274,7 @@ def test_consumer_stopping_early_ends_producer_and_association() -> None:
             taken.append(instance.sop_instance_uid)
             if len(taken) == 2:
                 break
-        started = time.monotonic()
         stream.close()
-        assert time.monotonic() - started < 5
         producer = f"c-get-{conn.node.name}"
         assert not any(t.name == producer and t.is_alive() for t in threading.enumerate())
         assert taken == uids(datasets)[:2]
@@ -293,14 +289,14 @@ def test_consumer_stopping_early_ends_producer_and_association() -> None:
 def test_consumer_stopping_early_does_not_wait_for_the_dimse_timeout() -> None:
     study_uid, datasets = study("EARLYSLOW", 10)
     with MisbehavingSCP(datasets, delay_per_instance=0.1) as scp:
-        stream = get_study(connect(scp, timeout=10.0), study_uid)
+        # A node timeout longer than close()'s 30 s wait: a producer that waited for it
+        # would still be alive when close() returns.
+        stream = get_study(connect(scp, timeout=60.0), study_uid)
         for count, _ in enumerate(stream, start=1):
             if count == 2:
                 break
-        started = time.monotonic()
         stream.close()
-        # Not a performance figure: closing must not wait for the node's 10 s timeout.
-        assert time.monotonic() - started < 5.0
+        assert not stream._thread.is_alive()
 
 
 def test_consumer_stopping_early_ends_c_move(receiver: Receiver) -> None:
@@ -311,11 +307,9 @@ def test_consumer_stopping_early_ends_c_move(receiver: Receiver) -> None:
         for count, _ in enumerate(stream, start=1):
             if count == 2:
                 break
-        started = time.monotonic()
         stream.close()
-        closed_after = time.monotonic() - started
+        assert not stream._thread.is_alive()
         assert len(scp.sent) < len(datasets), "the PACS went on sending the whole study"
-        assert closed_after < 2.5  # the remaining 10 instances would take 2.5 s to send
 
 
 def test_store_converts_to_the_only_syntax_a_strict_server_accepts() -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import py7zr
 import pydicom
 import pytest
-import yaml
 
 from adit_tasks import find
 from flows.options import TransferOptions as Options
@@ -27,16 +26,6 @@ def secrets(monkeypatch):
     monkeypatch.setenv("ADIT_PSEUDONYM_SECRET", SECRET)
     monkeypatch.setenv("ADIT_ARCHIVE_PASSWORD", PASSWORD)
 
-
-def nodes_file(lab, tmp_path: Path, *extra: dict) -> str:
-    config = yaml.safe_load(lab.nodes_file.read_text())
-    for node in config["nodes"]:
-        if node["name"] == "downloads":
-            node["path"] = str(tmp_path / "downloads")
-    config["nodes"] += list(extra)
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def identifying_values(spec) -> list[str]:
@@ -58,7 +47,7 @@ def test_pseudonymized_folder_has_no_original_value_anywhere(lab, prefect_server
     spec = max(lab.demo, key=lambda s: s.instance_count)
     state = transfer_flow("orthanc1", "downloads", [spec.study_uid],
                           options=Options(trial_id="TRIAL-7", trial_name="Lung Study"),
-                          nodes_file=nodes_file(lab, tmp_path), return_state=True)
+                          nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
     assert rows[0]["status"] == "success", rows
     pseudonym = rows[0]["pseudonym"]
@@ -82,7 +71,7 @@ def test_pseudonymized_folder_has_no_original_value_anywhere(lab, prefect_server
 def test_pseudonymized_pacs_to_pacs_then_rerun_transfers_nothing(lab, prefect_server,
                                                                  tmp_path, secrets):
     spec = lab.demo[0]
-    nodes = nodes_file(lab, tmp_path)
+    nodes = lab.nodes_file_in(tmp_path)
     first = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid],
                           options=Options(pseudonym="SUBJ-001"), method="c-move",
                           nodes_file=nodes, return_state=True).result()
@@ -107,7 +96,7 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
     specs = lab.demo[:2]
     state = transfer_flow("orthanc1", "downloads", [s.study_uid for s in specs],
                           options=Options(archive=True, trial_id="ARCH"),
-                          nodes_file=nodes_file(lab, tmp_path), return_state=True)
+                          nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
     assert [r["status"] for r in rows] == ["success", "success"]
     archives = list((tmp_path / "downloads").glob("*.7z"))
@@ -136,7 +125,7 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
     # Re-running the same job finds the archive complete and does nothing.
     again = transfer_flow("orthanc1", "downloads", [s.study_uid for s in specs],
                           options=Options(archive=True, trial_id="ARCH"),
-                          nodes_file=nodes_file(lab, tmp_path), return_state=True).result()
+                          nodes_file=lab.nodes_file_in(tmp_path), return_state=True).result()
     assert all("already complete" in r["message"] for r in again)
     assert len(list((tmp_path / "downloads").glob("*.7z"))) == 1
 
@@ -146,7 +135,7 @@ def test_compressed_instances_keep_syntax_and_pixels_when_pseudonymized(lab, pre
     originals = {pydicom.dcmread(p).StudyInstanceUID: pydicom.dcmread(p) for p in lab.samples}
     state = transfer_flow("orthanc1", "downloads", list(originals),
                           options=Options(pseudonymize=True),
-                          nodes_file=nodes_file(lab, tmp_path), return_state=True)
+                          nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     assert all(r["status"] == "success" for r in state.result())
     by_pixels = {pydicom.dcmread(f).PixelData: pydicom.dcmread(f)
                  for f in (tmp_path / "downloads").rglob("*.dcm")}
@@ -160,7 +149,7 @@ def test_burned_in_images_are_skipped_with_a_warning(lab, prefect_server, tmp_pa
     spec = lab.burned_in
     rows = transfer_flow("orthanc1", "downloads", [spec.study_uid],
                          options=Options(pseudonymize=True),
-                         nodes_file=nodes_file(lab, tmp_path), return_state=True).result()
+                         nodes_file=lab.nodes_file_in(tmp_path), return_state=True).result()
     assert rows[0]["status"] == "warning"
     assert rows[0]["skipped"] == 1 and rows[0]["transferred"] == spec.instance_count - 1
     assert "burned-in" in rows[0]["message"]
@@ -172,7 +161,7 @@ def test_stow_rs_destination(lab, prefect_server, tmp_path, secrets):
     spec = lab.demo[1]
     rows = transfer_flow("dcmqrscp", "web", [spec.study_uid],
                          options=Options(pseudonym="WEB-1"),
-                         nodes_file=nodes_file(lab, tmp_path, web),
+                         nodes_file=lab.nodes_file_in(tmp_path, web),
                          return_state=True).result()
     assert rows[0]["status"] == "success", rows
     new_uid = rows[0]["destination_study_uid"]
@@ -181,7 +170,7 @@ def test_stow_rs_destination(lab, prefect_server, tmp_path, secrets):
 
 def test_transfer_killed_halfway_then_rerun_completes_without_duplicates(lab, prefect_server,
                                                                         tmp_path):
-    nodes = nodes_file(lab, tmp_path)
+    nodes = lab.nodes_file_in(tmp_path)
     downloads = tmp_path / "downloads"
     env = {**os.environ, "PREFECT_API_URL": prefect_server,
            "ADIT_PSEUDONYM_SECRET": SECRET}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pydicom
 import yaml
@@ -13,16 +12,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.flow_runs import resume_flow_run
 
 from flows.selective_transfer import selective_transfer_flow
-
-
-def nodes(lab, tmp_path: Path) -> str:
-    config = yaml.safe_load(lab.nodes_file.read_text())
-    for node in config["nodes"]:
-        if node["name"] == "downloads":
-            node["path"] = str(tmp_path / "downloads")
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def wait_for_paused_run(name: str, timeout: float = 60):
@@ -45,7 +34,7 @@ def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
         state=selective_transfer_flow.with_options(flow_run_name="picker-test")(
-            "orthanc1", "downloads", patient_id=patient, nodes_file=nodes(lab, tmp_path),
+            "orthanc1", "downloads", patient_id=patient, nodes_file=lab.nodes_file_in(tmp_path),
             return_state=True)))
     runner.start()
     run = wait_for_paused_run("picker-test")
@@ -72,19 +61,19 @@ def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):
 
 def test_no_match_ends_with_a_clear_message(lab, prefect_server, tmp_path):
     state = selective_transfer_flow("orthanc1", "downloads", patient_id="NOBODY-HERE",
-                                    nodes_file=nodes(lab, tmp_path), return_state=True)
+                                    nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     assert state.is_completed() and "No studies match" in state.message
 
 
 def test_too_many_results_asks_to_narrow_the_search(lab, prefect_server, tmp_path):
     state = selective_transfer_flow("orthanc1", "downloads", limit=2,
-                                    nodes_file=nodes(lab, tmp_path), return_state=True)
+                                    nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     assert state.is_completed() and "narrow the search" in state.message
 
 
 def test_unanswered_form_times_out_and_transfers_nothing(lab, prefect_server, tmp_path):
     state = selective_transfer_flow("orthanc1", "downloads", patient_id=lab.ct.patient_id,
-                                    timeout_minutes=0.05, nodes_file=nodes(lab, tmp_path),
+                                    timeout_minutes=0.05, nodes_file=lab.nodes_file_in(tmp_path),
                                     return_state=True)
     assert state.is_completed() and "Nobody chose" in state.message
     assert not (tmp_path / "downloads").exists()

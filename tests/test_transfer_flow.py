@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pydicom
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.transfer import transfer_flow
-
-
-def _nodes_file(lab, tmp_path: Path, **extra_nodes) -> Path:
-    """The lab's nodes file, with the downloads folder moved into tmp_path and extra nodes."""
-    config = yaml.safe_load(lab.nodes_file.read_text())
-    for node in config["nodes"]:
-        if node["name"] == "downloads":
-            node["path"] = str(tmp_path / "downloads")
-    config["nodes"] += list(extra_nodes.values())
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def _task_runs(state) -> dict[str, int]:
@@ -34,8 +19,8 @@ def _task_runs(state) -> dict[str, int]:
 
 def test_transfer_to_folder_writes_every_instance_atomically(lab, prefect_server, tmp_path):
     spec = max(lab.demo, key=lambda s: s.instance_count)
-    nodes = _nodes_file(lab, tmp_path)
-    state = transfer_flow("orthanc1", "downloads", [spec.study_uid], nodes_file=str(nodes),
+    nodes = lab.nodes_file_in(tmp_path)
+    state = transfer_flow("orthanc1", "downloads", [spec.study_uid], nodes_file=nodes,
                           return_state=True)
     rows = state.result()
     assert rows[0]["status"] == "success"
@@ -51,9 +36,9 @@ def test_transfer_to_folder_writes_every_instance_atomically(lab, prefect_server
 
 def test_transfer_pacs_to_pacs_by_c_move(lab, prefect_server, tmp_path):
     spec = lab.demo[-1]
-    nodes = _nodes_file(lab, tmp_path)
+    nodes = lab.nodes_file_in(tmp_path)
     state = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid], method="c-move",
-                          nodes_file=str(nodes), return_state=True)
+                          nodes_file=nodes, return_state=True)
     rows = state.result()
     assert rows[0]["status"] == "success", rows
     assert rows[0]["transferred"] == spec.instance_count
@@ -62,8 +47,8 @@ def test_transfer_pacs_to_pacs_by_c_move(lab, prefect_server, tmp_path):
 
 
 def test_unknown_study_fails_at_once_without_retries(lab, prefect_server, tmp_path):
-    nodes = _nodes_file(lab, tmp_path)
-    state = transfer_flow("orthanc1", "downloads", ["1.2.3.4.5.999"], nodes_file=str(nodes),
+    nodes = lab.nodes_file_in(tmp_path)
+    state = transfer_flow("orthanc1", "downloads", ["1.2.3.4.5.999"], nodes_file=nodes,
                           return_state=True)
     assert state.is_failed()
     rows = state.result(raise_on_failure=False)
@@ -77,8 +62,8 @@ def test_pacs_that_is_down_is_retried_then_reported(lab, prefect_server, tmp_pat
 
     down = {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port(),
             "timeout": 2}
-    nodes = _nodes_file(lab, tmp_path, down=down)
-    state = transfer_flow("down", "downloads", [lab.ct.study_uid], nodes_file=str(nodes),
+    nodes = lab.nodes_file_in(tmp_path, down)
+    state = transfer_flow("down", "downloads", [lab.ct.study_uid], nodes_file=nodes,
                           return_state=True)
     rows = state.result(raise_on_failure=False)
     assert rows[0]["status"] == "failure"
