@@ -472,7 +472,7 @@ class _Checker:
     def flag(self, column: str, mask: pd.Series, message: Callable[[str], str]) -> None:
         """Report every cell of `column` where `mask` holds (and no problem is known yet)."""
         values = self.df[column]
-        self.flag_at(column, mask, lambda i: message(values.iat[i]))
+        self.flag_at(column, mask, lambda i: message(_shown(column, values.iat[i])))
 
     def flag_at(self, column: str, mask: pd.Series, message: Callable[[int], str]) -> None:
         """As `flag`, the message made from the row's position in the frame."""
@@ -634,10 +634,21 @@ def _pseudonym_conflicts(df: pd.DataFrame) -> list[BatchProblem]:
             for v, row in zip(group[other], group[_ROW], strict=True):
                 if v != first_value:
                     problems.append(BatchProblem(int(row), "Pseudonym", (
-                        f"{key} '{_short(value)}' has {what} '{_short(v)}' here but "
-                        f"'{_short(first_value)}' in row {first_row}"
+                        f"{key} '{_shown(key, value)}' has {what} '{_shown(other, v)}' here "
+                        f"but '{_shown(other, first_value)}' in row {first_row}"
                     )))  # fmt: skip
     return problems
+
+
+# Problems end up in logs (a deployment run's error): their values stay out of the message.
+_IDENTIFYING = frozenset({"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber"})
+
+
+def _shown(column: str, value: str) -> str:
+    """How a cell's value appears in a problem: identifying values only by their length."""
+    if column in _IDENTIFYING:
+        return f"<{len(value)} characters>"
+    return _short(value)
 
 
 def _unanswered(df: pd.DataFrame) -> pd.Series:
