@@ -6,15 +6,17 @@ configuration (nothing was done).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from adit_tasks.errors import AditError, ConfigError, InvalidInput, PermanentError
+from adit_tasks.errors import AditError, InvalidInput, PermanentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ADIT: automated DICOM transfer between PACS, folders and archives.")
@@ -28,13 +30,20 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _invalid_input() -> Iterator[None]:
+    """Bad configuration or input found before any work: its message, exit code 2."""
+    try:
+        yield
+    except AditError as exc:
+        raise _fail(str(exc), 2) from None
+
+
 def _settings(nodes_file: Path | None) -> Any:
     from adit_tasks.config import load_settings
 
-    try:
+    with _invalid_input():
         return load_settings(nodes_file)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
 
 
 def _connection(settings: Any, name: str) -> Any:
@@ -42,10 +51,8 @@ def _connection(settings: Any, name: str) -> Any:
     from adit_tasks.association import Connection, local_slot
     from flows.runtime import use_running_server
 
-    try:
+    with _invalid_input():
         node = settings.server(name)
-    except AditError as exc:
-        raise _fail(str(exc), 2) from None
     slot = local_slot
     if use_running_server():
         from adit_tasks.tasks import ensure_node_limits, prefect_slot
@@ -108,11 +115,9 @@ def query(
     settings = _settings(nodes_file)
     if level not in ("study", "series"):
         raise _fail("--level must be study or series", 2)
-    try:
+    with _invalid_input():
         q = build_query(patient_id, patient_name, birth_date, study_date, modality, accession,
                         study_uid, level, limit)
-    except InvalidInput as exc:
-        raise _fail(str(exc), 2) from None
     conn = _connection(settings, node)
     try:
         rows = run_query(conn, q)
@@ -181,22 +186,18 @@ def transfer(
     """Transfer studies from a server to a server, a folder or an archive (a Prefect flow run)."""
 
     settings = _settings(nodes_file)
-    try:
+    with _invalid_input():
         settings.server(source)
         settings.node(destination)
-    except AditError as exc:
-        raise _fail(str(exc), 2) from None
     if method not in (None, "c-get", "c-move", "wado-rs"):
         raise _fail("--method must be c-get, c-move or wado-rs", 2)
     if dates not in ("shift", "keep", "remove"):
         raise _fail("--dates must be shift, keep or remove", 2)
     from adit_tasks.find import validate_uid
 
-    try:
+    with _invalid_input():
         for uid in [*study, *(series or [])]:
             validate_uid(uid)
-    except InvalidInput as exc:
-        raise _fail(str(exc), 2) from None
     from flows.options import TransferOptions
     from flows.runtime import use_running_server
 
@@ -263,15 +264,13 @@ def batch_query(
     from adit_tasks.batch_file import read_batch_file
 
     settings = _settings(nodes_file)
-    try:
+    with _invalid_input():
         settings.server(source)
         if level not in ("study", "series"):
             raise InvalidInput("--level must be study or series")
         if out.suffix.lower() not in (".csv", ".xlsx"):
             raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
         read_batch_file(file, "query")  # all problems at once, before anything runs
-    except AditError as exc:
-        raise _fail(str(exc), 2) from None
     from flows.runtime import use_running_server
 
     use_running_server()
@@ -308,14 +307,12 @@ def batch_transfer(
     from flows.options import TransferOptions
 
     settings = _settings(nodes_file)
-    try:
+    with _invalid_input():
         settings.server(source)
         settings.node(destination)
         if out is not None and out.suffix.lower() not in (".csv", ".xlsx"):
             raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
         read_batch_file(file, "transfer")
-    except AditError as exc:
-        raise _fail(str(exc), 2) from None
     options = TransferOptions(pseudonymize=pseudonymize, trial_id=trial_id,
                               trial_name=trial_name, archive=archive)
     _check_secrets(options)
