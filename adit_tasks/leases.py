@@ -28,9 +28,9 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from adit_tasks.association import local_slot
-from adit_tasks.config import ServerNode
-from adit_tasks.errors import ConfigError
+from adit_tasks.core.association import local_slot
+from adit_tasks.core.config import ServerNode
+from adit_tasks.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def node_slots(*nodes: ServerNode | None) -> Iterator[None]:
 
 
 def prefect_slot(node: ServerNode) -> contextlib.AbstractContextManager[None]:
-    """The SlotFactory of Prefect-run connections (see adit_tasks.association)."""
+    """The SlotFactory of Prefect-run connections (see adit_tasks.core.association)."""
     return node_slots(node)
 
 

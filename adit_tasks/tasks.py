@@ -24,15 +24,15 @@ from prefect.client.schemas.actions import (
 )
 from prefect.exceptions import ObjectNotFound
 
-from adit_tasks import find
-from adit_tasks.archive import ArchiveWriter
-from adit_tasks.association import Connection
-from adit_tasks.config import FolderNode, RetrieveMethod, ServerNode, Settings
-from adit_tasks.errors import ConfigError, NotSupported, is_retriable
+from adit_tasks.core import find
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import FolderNode, RetrieveMethod, ServerNode, Settings
+from adit_tasks.core.errors import ConfigError, NotSupported, is_retriable
+from adit_tasks.core.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
+from adit_tasks.core.transfer import Pseudonymization, StudyOutcome, transfer_study
+from adit_tasks.core.windows import OutsideWindow, TransferWindow
 from adit_tasks.leases import node_slots, prefect_slot, take_rate_slot
-from adit_tasks.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
-from adit_tasks.transfer import Pseudonymization, StudyOutcome, transfer_study
-from adit_tasks.windows import OutsideWindow, TransferWindow
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def connection(settings: Settings, node: ServerNode) -> Connection:
 
 
 def retry_if_retriable(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry transient failures only (see adit_tasks.errors)."""
+    """Prefect retry condition: retry transient failures only (see adit_tasks.core.errors)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     return exc is None or is_retriable(exc)
 

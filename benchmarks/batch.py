@@ -47,14 +47,14 @@ from typing import Any
 
 import yaml
 
-from adit_tasks.association import Connection
-from adit_tasks.batch_file import BatchRow, read_batch_file
-from adit_tasks.batch_query import query_row
-from adit_tasks.config import Settings, load_settings
+from adit_tasks.core.association import Connection
+from adit_tasks.core.batch_file import BatchRow, read_batch_file
+from adit_tasks.core.batch_query import query_row
+from adit_tasks.core.config import Settings, load_settings
+from adit_tasks.core.sinks import ServerSink
+from adit_tasks.core.transfer import transfer_study
 from adit_tasks.lab.servers import OrthancServer
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
-from adit_tasks.sinks import ServerSink
-from adit_tasks.transfer import transfer_study
 
 LOOPBACK = "127.0.0.1"
 ADIT_AE = "ADIT"

@@ -28,13 +28,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adit_tasks.association import Connection
-from adit_tasks.config import RetrieveMethod, Settings
-from adit_tasks.find import manifest
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import RetrieveMethod, Settings
+from adit_tasks.core.find import manifest
+from adit_tasks.core.receiver import shared_receiver
+from adit_tasks.core.retrieve import retrieve_study
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, write_study
-from adit_tasks.receiver import shared_receiver
-from adit_tasks.retrieve import retrieve_study
 
 LOOPBACK = "127.0.0.1"
 ADIT_AE = "ADIT"

@@ -42,15 +42,15 @@ from pathlib import Path
 import py7zr
 from pydicom import dcmread, dcmwrite
 
-from adit_tasks.archive import ArchiveWriter
-from adit_tasks.association import Connection
-from adit_tasks.config import Settings
-from adit_tasks.instances import DicomInstance
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import Settings
+from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.pseudonymize import Pseudonymizer
+from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, series_folder
+from adit_tasks.core.transfer import Pseudonymization, transfer_study
 from adit_tasks.lab.servers import OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, write_study
-from adit_tasks.pseudonymize import Pseudonymizer
-from adit_tasks.sinks import ArchiveSink, FolderSink, ServerSink, series_folder
-from adit_tasks.transfer import Pseudonymization, transfer_study
 
 LOOPBACK = "127.0.0.1"
 ADIT_AE = "ADIT"

@@ -50,7 +50,7 @@ def adit(*args: str) -> int:
     """Run an `adit` command as a user would, showing the command line."""
     print(f"\n$ adit {shlex.join(args)}", flush=True)
     env = {**os.environ, "ADIT_NODES_FILE": str(DEMO_DIR / "nodes.yaml"), **DEMO_ENV}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], env=env).returncode
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def serve(nodes_file: Path, port: int = DEFAULT_PORT) -> int:
     # it, and treat SIGTERM the same, so the Prefect server we start is always stopped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    from adit_tasks.config import load_settings
+    from adit_tasks.core.config import load_settings
 
     settings = load_settings(nodes_file)  # a bad nodes file stops us before anything starts
     api_url = f"http://127.0.0.1:{port}/api"

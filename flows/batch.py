@@ -20,12 +20,12 @@ from prefect.runtime import deployment
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adit_tasks.batch_file import BatchRow, read_batch_file, write_results
-from adit_tasks.batch_query import query_row
-from adit_tasks.config import RetrieveMethod, Settings, load_settings
+from adit_tasks.core.batch_file import BatchRow, read_batch_file, write_results
+from adit_tasks.core.batch_query import query_row
+from adit_tasks.core.config import RetrieveMethod, Settings, load_settings
+from adit_tasks.core.windows import OutsideWindow, sleep_until
 from adit_tasks.leases import node_slots
 from adit_tasks.tasks import connection, ensure_node_limits, window_gate, with_retries
-from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions
 from flows.transfer import Progress, StudyJob, schedule_again, transfer_jobs
 

@@ -27,9 +27,9 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
-from adit_tasks import windows
-from adit_tasks.config import load_settings
-from adit_tasks.continuous import (
+from adit_tasks.core import windows
+from adit_tasks.core.config import load_settings
+from adit_tasks.core.continuous import (
     DATE,
     JobState,
     Pattern,
@@ -38,9 +38,9 @@ from adit_tasks.continuous import (
     parse_day,
     wanted_series,
 )
-from adit_tasks.errors import ConfigError
+from adit_tasks.core.errors import ConfigError
+from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.tasks import connection, ensure_node_limits, window_gate
-from adit_tasks.windows import OutsideWindow
 from flows.options import TransferOptions
 from flows.transfer import StudyJob, transfer_jobs
 

@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adit_tasks.archive import ArchiveWriter
-from adit_tasks.config import FolderNode, SecretSettings, ServerNode, Settings
-from adit_tasks.errors import ConfigError
-from adit_tasks.folder import safe_component
-from adit_tasks.pseudonymize import PseudonymizationOptions, Pseudonymizer
-from adit_tasks.windows import check_window_text
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.config import FolderNode, SecretSettings, ServerNode, Settings
+from adit_tasks.core.errors import ConfigError
+from adit_tasks.core.folder import safe_component
+from adit_tasks.core.pseudonymize import PseudonymizationOptions, Pseudonymizer
+from adit_tasks.core.windows import check_window_text
 
 PSEUDONYM_SECRET_BLOCK = "adit-pseudonym-secret"
 ARCHIVE_PASSWORD_BLOCK = "adit-archive-password"

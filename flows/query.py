@@ -7,8 +7,8 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from adit_tasks import find
-from adit_tasks.config import load_settings
+from adit_tasks.core import find
+from adit_tasks.core.config import load_settings
 from adit_tasks.tasks import connection, ensure_node_limits
 
 

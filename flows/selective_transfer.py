@@ -21,8 +21,8 @@ from prefect.states import Completed, Running, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, create_model
 
-from adit_tasks import find
-from adit_tasks.config import ServerNode, load_settings
+from adit_tasks.core import find
+from adit_tasks.core.config import ServerNode, load_settings
 from adit_tasks.tasks import ensure_node_limits, find_studies_task, with_retries
 from flows.options import TransferOptions
 from flows.query import build_query

@@ -24,14 +24,14 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adit_tasks.archive import ArchiveWriter
-from adit_tasks.config import RetrieveMethod, Settings, load_settings
-from adit_tasks.errors import ConfigError
-from adit_tasks.find import validate_uid
-from adit_tasks.pseudonymize import Pseudonymizer
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.config import RetrieveMethod, Settings, load_settings
+from adit_tasks.core.errors import ConfigError
+from adit_tasks.core.find import validate_uid
+from adit_tasks.core.pseudonymize import Pseudonymizer
+from adit_tasks.core.transfer import Pseudonymization
+from adit_tasks.core.windows import OutsideWindow, sleep_until
 from adit_tasks.tasks import ensure_node_limits, make_sink, transfer_study_task, with_retries
-from adit_tasks.transfer import Pseudonymization
-from adit_tasks.windows import OutsideWindow, sleep_until
 from flows.options import TransferOptions, make_pseudonymizer, open_archive
 
 # Called with (finished, total) as studies finish; the CLI sets it to draw a progress bar.

@@ -20,8 +20,8 @@ from pydicom.data import get_testdata_file
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from adit_tasks.association import Connection
-from adit_tasks.config import Settings, load_settings
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import Settings, load_settings
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import (
     SeriesSpec,

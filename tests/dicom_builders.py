@@ -10,7 +10,7 @@ from pydicom import Dataset, dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from adit_tasks.instances import DicomInstance
+from adit_tasks.core.instances import DicomInstance
 from adit_tasks.lab.synthetic import (
     INSTITUTION,
     OPERATORS,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adit_tasks.batch_file import (
+from adit_tasks.core.batch_file import (
     COLUMNS,
     BatchFileError,
     BatchProblem,
@@ -21,7 +21,7 @@ from adit_tasks.batch_file import (
     read_batch_file,
     write_results,
 )
-from adit_tasks.errors import InvalidInput
+from adit_tasks.core.errors import InvalidInput
 from adit_tasks.lab.synthetic import demo_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from adit_tasks.batch_file import read_batch_file
+from adit_tasks.core.batch_file import read_batch_file
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
 from flows.batch import batch_query_flow, batch_transfer_flow
 from flows.options import TransferOptions
@@ -130,7 +130,7 @@ def test_cli_rejects_a_bad_file_before_any_work(lab, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("PatientID,PatientBirthDate,Colour\nA1,31.02.2020,red\n")
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "batch-query", str(bad), "--source", "orthanc1",
+        [sys.executable, "-m", "deployments.cli", "batch-query", str(bad), "--source", "orthanc1",
          "--out", str(tmp_path / "r.csv"), "--nodes-file", str(lab.nodes_file)],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
@@ -146,7 +146,7 @@ def test_cli_batch_query_writes_the_result_file(lab, prefect_server, tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "batch_query.csv"
     demo_nodes = lab.nodes_file_in(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "batch-query", str(example), "--source",
+        [sys.executable, "-m", "deployments.cli", "batch-query", str(example), "--source",
          "orthanc1", "--out", str(out), "--nodes-file", demo_nodes],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "PREFECT_API_URL": prefect_server})

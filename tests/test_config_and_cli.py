@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from adit_tasks.config import load_settings
-from adit_tasks.errors import ConfigError
+from adit_tasks.core.config import load_settings
+from adit_tasks.core.errors import ConfigError
 
 GOOD_NODE = "  - name: pacs1\n    ae_title: PACS1\n    host: 127.0.0.1\n    port: 11112\n"
 
@@ -54,7 +54,7 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch) -> None:
 
 def _adit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True,
                           text=True, timeout=180, env=full_env)
 
 

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import yaml
 
-from adit_tasks import windows
+from adit_tasks.core import windows
 from adit_tasks.lab.servers import OrthancServer
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study, write_study
 from flows import continuous as continuous_module
@@ -151,7 +151,7 @@ def test_failed_study_is_retried_next_run_not_dropped(job, monkeypatch):
     run, _server, expected, research = job
     victim_uid = next(iter(expected))
     from adit_tasks import tasks
-    from adit_tasks.errors import OperationFailed
+    from adit_tasks.core.errors import OperationFailed
 
     real = tasks.transfer_study
 

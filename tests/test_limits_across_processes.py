@@ -9,16 +9,16 @@ import textwrap
 
 import pytest
 
-from adit_tasks.config import Settings
+from adit_tasks.core.config import Settings
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
 from adit_tasks.tasks import ensure_node_limits
 from tests.scp import MisbehavingSCP
 
 RETRIEVE = textwrap.dedent("""
     import sys
-    from adit_tasks.association import Connection
-    from adit_tasks.config import ServerNode
-    from adit_tasks.get import get_study
+    from adit_tasks.core.association import Connection
+    from adit_tasks.core.config import ServerNode
+    from adit_tasks.core.get import get_study
     from adit_tasks.tasks import prefect_slot
     node = ServerNode.model_validate_json(sys.argv[1])
     conn = Connection(node, "ADIT", slot=prefect_slot)

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from pydicom import Dataset
 
-from adit_tasks.association import Connection
-from adit_tasks.config import ServerNode
-from adit_tasks.errors import (
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import ServerNode
+from adit_tasks.core.errors import (
     AssociationError,
     AssociationRejected,
     DimseTimeout,
@@ -22,14 +22,14 @@ from adit_tasks.errors import (
     RetriableError,
     StudyNotFound,
 )
-from adit_tasks.find import Query, echo, find_studies, manifest
-from adit_tasks.get import get_study
-from adit_tasks.instances import DicomInstance, InstanceStream
+from adit_tasks.core.find import Query, echo, find_studies, manifest
+from adit_tasks.core.get import get_study
+from adit_tasks.core.instances import DicomInstance, InstanceStream
+from adit_tasks.core.move import move_study
+from adit_tasks.core.receiver import Receiver
+from adit_tasks.core.store import store_instances
 from adit_tasks.lab.servers import free_port
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study, uid_for
-from adit_tasks.move import move_study
-from adit_tasks.receiver import Receiver
-from adit_tasks.store import store_instances
 from tests.scp import LOOPBACK, MisbehavingSCP, wait_for
 
 TIMEOUT = 2.0
@@ -317,7 +317,7 @@ def test_store_converts_to_the_only_syntax_a_strict_server_accepts() -> None:
     from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE, evt
 
-    from adit_tasks.instances import DicomInstance
+    from adit_tasks.core.instances import DicomInstance
     from adit_tasks.lab.synthetic import ct_study_spec
 
     received: list[tuple[str, bytes]] = []

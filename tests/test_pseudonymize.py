@@ -21,20 +21,20 @@ from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from adit_tasks import pseudonymize as pseudonymize_module
-from adit_tasks.instances import DicomInstance
+from adit_tasks.core import pseudonymize as pseudonymize_module
+from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.pseudonymize import (
+    BurnedInAnnotation,
+    PseudonymizationOptions,
+    Pseudonymizer,
+    profile_table,
+)
 from adit_tasks.lab.synthetic import (
     OPERATORS,
     PRIVATE_CREATOR,
     STUDY_REF_SOP_CLASS,
     StudySpec,
     uid_for,
-)
-from adit_tasks.pseudonymize import (
-    BurnedInAnnotation,
-    PseudonymizationOptions,
-    Pseudonymizer,
-    profile_table,
 )
 from tests.dicom_builders import (
     CT_SOP_CLASS,

@@ -13,7 +13,7 @@ import py7zr
 import pydicom
 import pytest
 
-from adit_tasks import find
+from adit_tasks.core import find
 from flows.options import TransferOptions as Options
 from flows.transfer import transfer_flow
 
@@ -174,7 +174,7 @@ def test_transfer_killed_halfway_then_rerun_completes_without_duplicates(lab, pr
     downloads = tmp_path / "downloads"
     env = {**os.environ, "PREFECT_API_URL": prefect_server,
            "ADIT_PSEUDONYM_SECRET": SECRET}
-    cmd = [sys.executable, "-m", "flows.cli", "transfer", "--source", "orthanc1",
+    cmd = [sys.executable, "-m", "deployments.cli", "transfer", "--source", "orthanc1",
            "--destination", "downloads", "--study", lab.ct.study_uid, "--pseudonymize",
            "--nodes-file", nodes]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adit_tasks import find
-from adit_tasks.errors import InvalidInput
-from adit_tasks.find import Level, Query
+from adit_tasks.core import find
+from adit_tasks.core.errors import InvalidInput
+from adit_tasks.core.find import Level, Query
 
 SERVERS = ["orthanc1", "dcmqrscp"]
 
@@ -94,7 +94,7 @@ def test_result_limit_stops_early(lab) -> None:
 def test_patient_root_study_query(lab) -> None:
     settings = lab.settings()
     node = settings.server("orthanc1").model_copy(update={"query_root": "patient"})
-    from adit_tasks.association import Connection
+    from adit_tasks.core.association import Connection
 
     conn = Connection(node, "ADIT")
     studies = find.find_studies(conn, Query(patient_id=lab.ct.patient_id))

@@ -8,10 +8,10 @@ import threading
 import pydicom
 import pytest
 
-from adit_tasks import find
-from adit_tasks.errors import StudyNotFound
-from adit_tasks.retrieve import retrieve_study
-from adit_tasks.store import store_instances
+from adit_tasks.core import find
+from adit_tasks.core.errors import StudyNotFound
+from adit_tasks.core.retrieve import retrieve_study
+from adit_tasks.core.store import store_instances
 from tests.conftest import read_pixels
 
 CASES = [("orthanc1", "c-get"), ("orthanc1", "c-move"), ("orthanc1", "wado-rs"),

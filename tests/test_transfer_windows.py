@@ -10,12 +10,12 @@ import yaml
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adit_tasks import windows
-from adit_tasks.config import Settings
-from adit_tasks.errors import InvalidInput
+from adit_tasks.core import windows
+from adit_tasks.core.config import Settings
+from adit_tasks.core.errors import InvalidInput
+from adit_tasks.core.windows import TransferWindow
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
 from adit_tasks.tasks import ensure_node_limits, make_sink
-from adit_tasks.windows import TransferWindow
 from flows import transfer as transfer_module
 from flows.options import TransferOptions
 from flows.transfer import StudyJob, run_jobs, transfer_flow
@@ -63,8 +63,8 @@ def test_bad_windows_are_invalid_input(text) -> None:
 
 
 def test_bad_window_in_the_nodes_file_names_the_node(tmp_path) -> None:
-    from adit_tasks.config import load_settings
-    from adit_tasks.errors import ConfigError
+    from adit_tasks.core.config import load_settings
+    from adit_tasks.core.errors import ConfigError
 
     path = tmp_path / "nodes.yaml"
     path.write_text("nodes:\n  - name: pacs\n    ae_title: P\n    host: h\n    port: 1\n"

@@ -102,7 +102,7 @@ def served(lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     api_url = f"http://127.0.0.1:{port}/api"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "deployments.cli", "serve", "--port", str(port),
              "--nodes-file", str(nodes_file)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adit_tasks import find
-from adit_tasks.association import Connection
-from adit_tasks.batch_file import BatchRow
-from adit_tasks.errors import AditError
+from adit_tasks.core import find
+from adit_tasks.core.association import Connection
+from adit_tasks.core.batch_file import BatchRow
+from adit_tasks.core.errors import AditError
 
 STUDY_COLUMNS = ["PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
                  "ModalitiesInStudy", "StudyDescription", "AccessionNumber",

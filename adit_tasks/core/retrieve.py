@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from adit_tasks.association import Connection
-from adit_tasks.config import RetrieveMethod, Settings
-from adit_tasks.dicomweb import wado_study
-from adit_tasks.errors import NotSupported
-from adit_tasks.get import get_study
-from adit_tasks.instances import InstanceStream
-from adit_tasks.move import move_study
-from adit_tasks.receiver import shared_receiver
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import RetrieveMethod, Settings
+from adit_tasks.core.dicomweb import wado_study
+from adit_tasks.core.errors import NotSupported
+from adit_tasks.core.get import get_study
+from adit_tasks.core.instances import InstanceStream
+from adit_tasks.core.move import move_study
+from adit_tasks.core.receiver import shared_receiver
 
 
 def retrieve_study(

@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterable
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from adit_tasks.association import Connection
-from adit_tasks.find import validate_uid
-from adit_tasks.get import (
+from adit_tasks.core.association import Connection
+from adit_tasks.core.find import validate_uid
+from adit_tasks.core.get import (
     SubOperations,
     check_outcome,
     check_retrieve_status,
     retrieve_identifier,
 )
-from adit_tasks.instances import DicomInstance, InstanceStream, StreamClosed
-from adit_tasks.receiver import Receiver
+from adit_tasks.core.instances import DicomInstance, InstanceStream, StreamClosed
+from adit_tasks.core.receiver import Receiver
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from adit_tasks.association import Connection, check_status
-from adit_tasks.errors import InvalidInput
+from adit_tasks.core.association import Connection, check_status
+from adit_tasks.core.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import py7zr
 
-from adit_tasks.errors import PermanentError
+from adit_tasks.core.errors import PermanentError
 
 COPY_AES = [{"id": py7zr.FILTER_COPY}, {"id": py7zr.FILTER_CRYPTO_AES256_SHA256}]
 LZMA_AES = [{"id": py7zr.FILTER_LZMA2, "preset": 1},

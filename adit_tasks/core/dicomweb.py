@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import httpx
 
-from adit_tasks.association import SlotFactory, local_slot
-from adit_tasks.config import ServerNode
-from adit_tasks.errors import (
+from adit_tasks.core.association import SlotFactory, local_slot
+from adit_tasks.core.config import ServerNode
+from adit_tasks.core.errors import (
     AssociationError,
     DimseTimeout,
     NotSupported,
@@ -22,8 +22,8 @@ from adit_tasks.errors import (
     PacsBusy,
     StudyNotFound,
 )
-from adit_tasks.find import validate_uid
-from adit_tasks.instances import DicomInstance, InstanceStream
+from adit_tasks.core.find import validate_uid
+from adit_tasks.core.instances import DicomInstance, InstanceStream
 
 logger = logging.getLogger(__name__)
 

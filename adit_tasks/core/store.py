@@ -23,9 +23,9 @@ from pynetdicom import Association, build_context
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from adit_tasks.association import Connection, check_status
-from adit_tasks.errors import OperationFailed, PacsBusy
-from adit_tasks.instances import DicomInstance
+from adit_tasks.core.association import Connection, check_status
+from adit_tasks.core.errors import OperationFailed, PacsBusy
+from adit_tasks.core.instances import DicomInstance
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adit_tasks import find
-from adit_tasks.association import Connection
-from adit_tasks.errors import InvalidInput
+from adit_tasks.core import find
+from adit_tasks.core.association import Connection
+from adit_tasks.core.errors import InvalidInput
 
 DATE = "%Y%m%d"
 

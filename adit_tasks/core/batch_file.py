@@ -75,7 +75,7 @@ import pandas as pd
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 
-from adit_tasks.errors import InvalidInput
+from adit_tasks.core.errors import InvalidInput
 
 Purpose = Literal["query", "transfer"]
 

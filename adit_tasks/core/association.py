@@ -22,8 +22,8 @@ from pynetdicom import AE, Association, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
 
-from adit_tasks.config import ServerNode
-from adit_tasks.errors import (
+from adit_tasks.core.config import ServerNode
+from adit_tasks.core.errors import (
     AssociationError,
     AssociationRejected,
     DimseTimeout,

@@ -53,8 +53,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from adit_tasks.errors import PermanentError
-from adit_tasks.instances import DicomInstance
+from adit_tasks.core.errors import PermanentError
+from adit_tasks.core.instances import DicomInstance
 
 DateHandling = Literal["shift", "keep", "remove"]
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from adit_tasks.archive import ArchiveWriter
-from adit_tasks.association import Connection
-from adit_tasks.dicomweb import qido_instance_uids, stow_instances
-from adit_tasks.find import manifest
-from adit_tasks.folder import safe_component, write_atomically
-from adit_tasks.instances import DicomInstance
-from adit_tasks.store import StoreResult, store_instances
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.association import Connection
+from adit_tasks.core.dicomweb import qido_instance_uids, stow_instances
+from adit_tasks.core.find import manifest
+from adit_tasks.core.folder import safe_component, write_atomically
+from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.store import StoreResult, store_instances
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from adit_tasks.association import Connection
-from adit_tasks.config import RetrieveMethod, Settings
-from adit_tasks.errors import IncompleteRetrieval, StudyNotFound
-from adit_tasks.find import Query, Study, find_studies, manifest
-from adit_tasks.folder import safe_component
-from adit_tasks.instances import DicomInstance
-from adit_tasks.pseudonymize import BurnedInAnnotation, Pseudonymizer
-from adit_tasks.retrieve import retrieve_study
-from adit_tasks.sinks import Sink, StudyTarget
+from adit_tasks.core.association import Connection
+from adit_tasks.core.config import RetrieveMethod, Settings
+from adit_tasks.core.errors import IncompleteRetrieval, StudyNotFound
+from adit_tasks.core.find import Query, Study, find_studies, manifest
+from adit_tasks.core.folder import safe_component
+from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.pseudonymize import BurnedInAnnotation, Pseudonymizer
+from adit_tasks.core.retrieve import retrieve_study
+from adit_tasks.core.sinks import Sink, StudyTarget
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from adit_tasks.association import tune_for_throughput
-from adit_tasks.instances import (
+from adit_tasks.core.association import tune_for_throughput
+from adit_tasks.core.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     DicomInstance,

@@ -30,8 +30,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from adit_tasks.errors import ConfigError, UnknownNode
-from adit_tasks.windows import check_window_text
+from adit_tasks.core.errors import ConfigError, UnknownNode
+from adit_tasks.core.windows import check_window_text
 
 DEFAULT_NODES_FILE = Path("nodes.yaml")
 RetrieveMethod = Literal["c-get", "c-move", "wado-rs"]

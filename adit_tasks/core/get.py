@@ -24,10 +24,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from adit_tasks.association import Connection, check_status
-from adit_tasks.errors import IncompleteRetrieval, OperationFailed, StudyNotFound
-from adit_tasks.find import validate_uid
-from adit_tasks.instances import (
+from adit_tasks.core.association import Connection, check_status
+from adit_tasks.core.errors import IncompleteRetrieval, OperationFailed, StudyNotFound
+from adit_tasks.core.find import validate_uid
+from adit_tasks.core.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     DicomInstance,

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from adit_tasks.errors import AditError, InvalidInput, PermanentError
+from adit_tasks.core.errors import AditError, InvalidInput, PermanentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ADIT: automated DICOM transfer between PACS, folders and archives.")
@@ -40,7 +40,7 @@ def _invalid_input() -> Iterator[None]:
 
 
 def _settings(nodes_file: Path | None) -> Any:
-    from adit_tasks.config import load_settings
+    from adit_tasks.core.config import load_settings
 
     with _invalid_input():
         return load_settings(nodes_file)
@@ -48,7 +48,7 @@ def _settings(nodes_file: Path | None) -> Any:
 
 def _connection(settings: Any, name: str) -> Any:
     """A connection whose associations are limited on the Prefect server when one runs."""
-    from adit_tasks.association import Connection, local_slot
+    from adit_tasks.core.association import Connection, local_slot
     from flows.runtime import use_running_server
 
     with _invalid_input():
@@ -66,7 +66,7 @@ def _connection(settings: Any, name: str) -> Any:
 def nodes(nodes_file: NodesFile = None) -> None:
     """List the configured nodes."""
     settings = _settings(nodes_file)
-    from adit_tasks.config import FolderNode
+    from adit_tasks.core.config import FolderNode
 
     if not settings.nodes:
         raise _fail(f"no nodes configured in {settings.nodes_file}", 2)
@@ -83,7 +83,7 @@ def nodes(nodes_file: NodesFile = None) -> None:
 @app.command()
 def echo(node: str, nodes_file: NodesFile = None) -> None:
     """C-ECHO a server; exit 0 when it answers."""
-    from adit_tasks.find import echo as c_echo
+    from adit_tasks.core.find import echo as c_echo
 
     settings = _settings(nodes_file)
     conn = _connection(settings, node)
@@ -150,7 +150,7 @@ def _check_secrets(options: Any) -> None:
     before any work, with exit code 2 (a Prefect Secret block may provide them)."""
     import os
 
-    from adit_tasks.config import SecretSettings
+    from adit_tasks.core.config import SecretSettings
 
     if options.archive and SecretSettings().archive_password is None and sys.stdin.isatty():
         os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
@@ -193,7 +193,7 @@ def transfer(
         raise _fail("--method must be c-get, c-move or wado-rs", 2)
     if dates not in ("shift", "keep", "remove"):
         raise _fail("--dates must be shift, keep or remove", 2)
-    from adit_tasks.find import validate_uid
+    from adit_tasks.core.find import validate_uid
 
     with _invalid_input():
         for uid in [*study, *(series or [])]:
@@ -261,7 +261,7 @@ def batch_query(
     nodes_file: NodesFile = None,
 ) -> None:
     """Look up every row of a batch file: find Patient IDs, studies, check presence."""
-    from adit_tasks.batch_file import read_batch_file
+    from adit_tasks.core.batch_file import read_batch_file
 
     settings = _settings(nodes_file)
     with _invalid_input():
@@ -303,7 +303,7 @@ def batch_transfer(
     nodes_file: NodesFile = None,
 ) -> None:
     """Transfer the studies listed in a batch file; one result row per input row."""
-    from adit_tasks.batch_file import read_batch_file
+    from adit_tasks.core.batch_file import read_batch_file
     from flows.options import TransferOptions
 
     settings = _settings(nodes_file)
@@ -341,7 +341,7 @@ def serve(
     nodes_file: NodesFile = None,
 ) -> None:
     """Start (or reuse) a local Prefect server and serve every ADIT flow; prints the UI address."""
-    from adit_tasks.config import nodes_file_path
+    from adit_tasks.core.config import nodes_file_path
     from deployments.serve import serve as run_serve
 
     settings = _settings(nodes_file)

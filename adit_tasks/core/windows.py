@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from adit_tasks.errors import AditError, InvalidInput
+from adit_tasks.core.errors import AditError, InvalidInput
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
