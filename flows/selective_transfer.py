@@ -22,11 +22,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, create_model
 
 from adit_tasks.core import find
+from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import ServerNode, load_settings
-from adit_tasks.tasks import ensure_node_limits, find_studies_task, with_retries
-from flows.options import TransferOptions
-from flows.query import build_query
-from flows.transfer import StudyJob, finish, transfer_jobs
+from adit_tasks.core.options import StudySearch, TransferOptions
+from adit_tasks.core.plan import retry_policy
+from adit_tasks.core.results import StudyJob
+from adit_tasks.limits import ensure_node_limits
+from adit_tasks.runs import publish, transfer_jobs
+from adit_tasks.tasks import find_task, with_retries
 
 
 def study_label(number: int, study: find.Study) -> str:
@@ -69,30 +72,25 @@ def selection_form(studies: list[find.Study], destinations: list[str],
 def selective_transfer_flow(
     source: str,
     destination: str,
-    patient_id: str = "",
-    patient_name: str = "",
-    birth_date: str = "",
-    study_date: str = "",
-    modality: str = "",
-    accession: str = "",
+    search: StudySearch | None = None,
     limit: int = 50,
     timeout_minutes: float = 60,
     nodes_file: str | None = None,
 ) -> State:
     """Search `source`, wait for a person to pick studies in the UI, transfer them.
 
-    Search fields take DICOM wildcards (* ?); dates as YYYY-MM-DD or ranges FROM-UNTIL.
+    `search`: the search fields (DICOM wildcards * ?; dates as YYYY-MM-DD or FROM-UNTIL).
     At most `limit` studies are offered; more results end the run with a request to narrow
     the search. The destination and options are chosen in the form (default `destination`).
     """
     logger = get_run_logger()
     settings = load_settings(nodes_file)
-    settings.server(source)
+    node = settings.server(source)
     settings.node(destination)
-    ensure_node_limits(settings)
-    query = build_query(patient_id, patient_name, birth_date, study_date, modality,
-                        accession, limit=limit + 1)
-    studies = with_retries(find_studies_task, settings)(settings, source, query)
+    ensure_node_limits([node])
+    query = (search or StudySearch()).query("study", limit=limit + 1)
+    conn = Connection(node, settings.ae_title, slot_held_by_caller)
+    studies = with_retries(find_task, retry_policy(settings))(conn, query)
     if not studies:
         return Completed(message="No studies match the search; nothing to transfer.")
     if len(studies) > limit:
@@ -123,5 +121,5 @@ def selective_transfer_flow(
                                  for name in TransferOptions.model_fields})
     logger.info("%d of %d studies selected", len(picked), len(studies))
     jobs = [StudyJob(s.StudyInstanceUID, (), options.pseudonym) for s in picked]
-    rows = transfer_jobs(settings, source, choice.destination, jobs, options)
-    return finish(rows, options, "studies")
+    results = transfer_jobs(settings, source, choice.destination, jobs, options)
+    return publish(results, pseudonymizing=options.pseudonymizing)

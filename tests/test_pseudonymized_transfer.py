@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from adit_tasks.core import find
-from flows.options import TransferOptions as Options
+from adit_tasks.core.options import TransferOptions as Options
 from flows.transfer import transfer_flow
 
 SECRET = "test-secret-do-not-use"
@@ -49,8 +49,8 @@ def test_pseudonymized_folder_has_no_original_value_anywhere(lab, prefect_server
                           options=Options(trial_id="TRIAL-7", trial_name="Lung Study"),
                           nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
-    assert rows[0]["status"] == "success", rows
-    pseudonym = rows[0]["pseudonym"]
+    assert rows[0].status == "success", rows
+    pseudonym = rows[0].pseudonym
     files = sorted((tmp_path / "downloads").rglob("*.dcm"))
     assert len(files) == spec.instance_count
     values = identifying_values(spec)
@@ -75,9 +75,9 @@ def test_pseudonymized_pacs_to_pacs_then_rerun_transfers_nothing(lab, prefect_se
     first = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid],
                           options=Options(pseudonym="SUBJ-001"), method="c-move",
                           nodes_file=nodes, return_state=True).result()
-    assert first[0]["status"] == "success", first
-    assert first[0]["transferred"] == spec.instance_count
-    new_uid = first[0]["destination_study_uid"]
+    assert first[0].status == "success", first
+    assert first[0].transferred == spec.instance_count
+    new_uid = first[0].destination_study_uid
     assert new_uid != spec.study_uid
     landed = find.manifest(lab.connection("orthanc2"), new_uid)
     assert len(landed) == spec.instance_count
@@ -85,9 +85,9 @@ def test_pseudonymized_pacs_to_pacs_then_rerun_transfers_nothing(lab, prefect_se
     again = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid],
                           options=Options(pseudonym="SUBJ-001"), method="c-move",
                           nodes_file=nodes, return_state=True).result()
-    assert again[0]["transferred"] == 0
-    assert again[0]["skipped"] == spec.instance_count
-    assert again[0]["destination_study_uid"] == new_uid
+    assert again[0].transferred == 0
+    assert again[0].skipped == spec.instance_count
+    assert again[0].destination_study_uid == new_uid
     assert len(find.manifest(lab.connection("orthanc2"), new_uid)) == spec.instance_count
 
 
@@ -98,7 +98,7 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
                           options=Options(archive=True, trial_id="ARCH"),
                           nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     rows = state.result()
-    assert [r["status"] for r in rows] == ["success", "success"]
+    assert [r.status for r in rows] == ["success", "success"]
     archives = list((tmp_path / "downloads").glob("*.7z"))
     assert len(archives) == 1 and archives[0].name.startswith("ARCH-")
     assert not list((tmp_path / "downloads").glob(".*.part"))
@@ -126,7 +126,7 @@ def test_archive_opens_with_password_only_and_hides_names(lab, prefect_server, t
     again = transfer_flow("orthanc1", "downloads", [s.study_uid for s in specs],
                           options=Options(archive=True, trial_id="ARCH"),
                           nodes_file=lab.nodes_file_in(tmp_path), return_state=True).result()
-    assert all("already complete" in r["message"] for r in again)
+    assert all("already complete" in r.message for r in again)
     assert len(list((tmp_path / "downloads").glob("*.7z"))) == 1
 
 
@@ -136,7 +136,7 @@ def test_compressed_instances_keep_syntax_and_pixels_when_pseudonymized(lab, pre
     state = transfer_flow("orthanc1", "downloads", list(originals),
                           options=Options(pseudonymize=True),
                           nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
-    assert all(r["status"] == "success" for r in state.result())
+    assert all(r.status == "success" for r in state.result())
     by_pixels = {pydicom.dcmread(f).PixelData: pydicom.dcmread(f)
                  for f in (tmp_path / "downloads").rglob("*.dcm")}
     for original in originals.values():
@@ -150,9 +150,9 @@ def test_burned_in_images_are_skipped_with_a_warning(lab, prefect_server, tmp_pa
     rows = transfer_flow("orthanc1", "downloads", [spec.study_uid],
                          options=Options(pseudonymize=True),
                          nodes_file=lab.nodes_file_in(tmp_path), return_state=True).result()
-    assert rows[0]["status"] == "warning"
-    assert rows[0]["skipped"] == 1 and rows[0]["transferred"] == spec.instance_count - 1
-    assert "burned-in" in rows[0]["message"]
+    assert rows[0].status == "warning"
+    assert rows[0].skipped == 1 and rows[0].transferred == spec.instance_count - 1
+    assert "burned-in" in rows[0].message
     assert len(list((tmp_path / "downloads").rglob("*.dcm"))) == spec.instance_count - 1
 
 
@@ -163,8 +163,8 @@ def test_stow_rs_destination(lab, prefect_server, tmp_path, secrets):
                          options=Options(pseudonym="WEB-1"),
                          nodes_file=lab.nodes_file_in(tmp_path, web),
                          return_state=True).result()
-    assert rows[0]["status"] == "success", rows
-    new_uid = rows[0]["destination_study_uid"]
+    assert rows[0].status == "success", rows
+    new_uid = rows[0].destination_study_uid
     assert len(find.manifest(lab.connection("orthanc1"), new_uid)) == spec.instance_count
 
 

@@ -23,8 +23,8 @@ def test_transfer_to_folder_writes_every_instance_atomically(lab, prefect_server
     state = transfer_flow("orthanc1", "downloads", [spec.study_uid], nodes_file=nodes,
                           return_state=True)
     rows = state.result()
-    assert rows[0]["status"] == "success"
-    assert rows[0]["transferred"] == rows[0]["expected"] == spec.instance_count
+    assert rows[0].status == "success"
+    assert rows[0].transferred == rows[0].expected == spec.instance_count
     files = sorted((tmp_path / "downloads").rglob("*.dcm"))
     assert len(files) == spec.instance_count
     assert not list((tmp_path / "downloads").rglob("*.part"))
@@ -40,8 +40,8 @@ def test_transfer_pacs_to_pacs_by_c_move(lab, prefect_server, tmp_path):
     state = transfer_flow("dcmqrscp", "orthanc2", [spec.study_uid], method="c-move",
                           nodes_file=nodes, return_state=True)
     rows = state.result()
-    assert rows[0]["status"] == "success", rows
-    assert rows[0]["transferred"] == spec.instance_count
+    assert rows[0].status == "success", rows
+    assert rows[0].transferred == spec.instance_count
     series = lab.orthanc2.client.get("/studies", params={"expand": 1}).json()
     assert spec.study_uid in {s["MainDicomTags"]["StudyInstanceUID"] for s in series}
 
@@ -52,8 +52,8 @@ def test_unknown_study_fails_at_once_without_retries(lab, prefect_server, tmp_pa
                           return_state=True)
     assert state.is_failed()
     rows = state.result(raise_on_failure=False)
-    assert rows[0]["status"] == "failure"
-    assert "not found" in rows[0]["message"]
+    assert rows[0].status == "failure"
+    assert "not found" in rows[0].message
     assert _task_runs(state) == {"study-1": 1}
 
 
@@ -66,6 +66,6 @@ def test_pacs_that_is_down_is_retried_then_reported(lab, prefect_server, tmp_pat
     state = transfer_flow("down", "downloads", [lab.ct.study_uid], nodes_file=nodes,
                           return_state=True)
     rows = state.result(raise_on_failure=False)
-    assert rows[0]["status"] == "failure"
-    assert "down" in rows[0]["message"] and "did not answer" in rows[0]["message"]
+    assert rows[0].status == "failure"
+    assert "down" in rows[0].message and "did not answer" in rows[0].message
     assert _task_runs(state) == {"study-1": 3}  # first try + retries: 2 in the lab's nodes file

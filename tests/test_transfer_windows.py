@@ -15,10 +15,11 @@ from adit_tasks.core.config import Settings
 from adit_tasks.core.errors import InvalidInput
 from adit_tasks.core.windows import TransferWindow
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
-from adit_tasks.tasks import ensure_node_limits, make_sink
-from flows import transfer as transfer_module
-from flows.options import TransferOptions
-from flows.transfer import StudyJob, run_jobs, transfer_flow
+from adit_tasks import runs as runs_module
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.core.results import StudyJob, StudyResult
+from adit_tasks.runs import transfer_jobs
+from flows.transfer import transfer_flow
 from tests.scp import MisbehavingSCP
 
 NIGHTS = "Mon-Fri 20:00-06:00; Sat-Sun 00:00-24:00"
@@ -91,18 +92,16 @@ class FakeClock:
         return self.times.pop(0) if len(self.times) > 1 else self.times[0]
 
 
-def run(scp, uids, tmp_path, options, monkeypatch, clock, prefect_server) -> list[dict]:
+def run(scp, uids, tmp_path, options, monkeypatch, clock, prefect_server) -> list[StudyResult]:
     monkeypatch.setattr(windows, "clock", clock)
     settings = Settings(nodes=[
         {"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port,
          "transfer_window": NIGHTS, "max_associations": 1, "timeout": 10},
         {"name": "out", "path": str(tmp_path)}])
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
-    def harness() -> list[dict]:
-        ensure_node_limits(settings)
-        jobs = [StudyJob(uid) for uid in uids]
-        return run_jobs(settings, "pacs", make_sink(settings, "out"), jobs, None, None,
-                        options)
+    def harness() -> list[StudyResult]:
+        return transfer_jobs(settings, "pacs", "out", [StudyJob(uid) for uid in uids],
+                             options, continue_postponed=False)
 
     return harness()
 
@@ -112,8 +111,8 @@ def test_closed_window_opens_no_association(prefect_server, tmp_path, monkeypatc
     with MisbehavingSCP(datasets) as scp:
         rows = run(scp, uids, tmp_path, TransferOptions(), monkeypatch,
                    FakeClock(at(0, "12:00")), prefect_server)
-        assert [r["status"] for r in rows] == ["postponed", "postponed"]
-        assert "opens at 2026-11-23 20:00" in rows[0]["message"]
+        assert [r.status for r in rows] == ["postponed", "postponed"]
+        assert "opens at 2026-11-23 20:00" in rows[0].message
         assert scp.established == 0
 
 
@@ -122,7 +121,7 @@ def test_urgent_run_ignores_the_window(prefect_server, tmp_path, monkeypatch) ->
     with MisbehavingSCP(datasets) as scp:
         rows = run(scp, uids, tmp_path, TransferOptions(urgent=True), monkeypatch,
                    FakeClock(at(0, "12:00")), prefect_server)
-        assert [r["status"] for r in rows] == ["success", "success"]
+        assert [r.status for r in rows] == ["success", "success"]
         assert scp.established > 0
 
 
@@ -133,7 +132,7 @@ def test_study_in_flight_finishes_and_the_next_waits(prefect_server, tmp_path,
         # Open when the first study starts; 06:00 (closed) from then on.
         rows = run(scp, uids, tmp_path, TransferOptions(), monkeypatch,
                    FakeClock(at(1, "05:59"), at(1, "06:00")), prefect_server)
-        assert [r["status"] for r in rows] == ["success", "postponed"]
+        assert [r.status for r in rows] == ["success", "postponed"]
         assert len(list(tmp_path.rglob("*.dcm"))) == 2  # the first study, complete
 
 
@@ -142,7 +141,7 @@ def test_override_window_for_one_run(prefect_server, tmp_path, monkeypatch) -> N
     with MisbehavingSCP(datasets) as scp:
         rows = run(scp, uids, tmp_path, TransferOptions(window="daily 11:00-13:00"),
                    monkeypatch, FakeClock(at(0, "12:00")), prefect_server)
-        assert [r["status"] for r in rows] == ["success"]
+        assert [r.status for r in rows] == ["success"]
 
 
 def test_run_started_by_hand_waits_for_the_window_then_transfers(prefect_server, tmp_path,
@@ -156,7 +155,7 @@ def test_run_started_by_hand_waits_for_the_window_then_transfers(prefect_server,
         waited.append(when)
         now["t"] = when
 
-    monkeypatch.setattr(transfer_module, "sleep_until", fake_sleep_until)
+    monkeypatch.setattr(runs_module, "sleep_until", fake_sleep_until)
     with MisbehavingSCP(datasets) as scp:
         nodes = tmp_path / "nodes.yaml"
         nodes.write_text(yaml.safe_dump({"nodes": [
@@ -166,7 +165,7 @@ def test_run_started_by_hand_waits_for_the_window_then_transfers(prefect_server,
         rows = transfer_flow("pacs", "out", uids, nodes_file=str(nodes),
                              return_state=True).result()
     assert waited == [at(0, "20:00")]
-    assert [r["status"] for r in rows] == ["success", "success"]
+    assert [r.status for r in rows] == ["success", "success"]
 
 
 def test_rate_limit_takes_one_slot_per_study(prefect_server, tmp_path, monkeypatch) -> None:
@@ -182,13 +181,12 @@ def test_rate_limit_takes_one_slot_per_study(prefect_server, tmp_path, monkeypat
             {"name": "out", "path": str(tmp_path)}])
 
         @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
-        def harness() -> list[dict]:
-            ensure_node_limits(settings)
-            return run_jobs(settings, "gentle", make_sink(settings, "out"),
-                            [StudyJob(uid) for uid in uids], None, None, TransferOptions())
+        def harness() -> list[StudyResult]:
+            return transfer_jobs(settings, "gentle", "out", [StudyJob(uid) for uid in uids],
+                                 TransferOptions())
 
         rows = harness()
-    assert [r["status"] for r in rows] == ["success"] * 3
+    assert [r.status for r in rows] == ["success"] * 3
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name("adit-rate-gentle")
     assert limit.limit == 3 and limit.slot_decay_per_second == pytest.approx(0.05)

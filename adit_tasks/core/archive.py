@@ -37,10 +37,7 @@ class ArchiveWriter:
                                            filters=LZMA_AES if compress else COPY_AES)
         self._names: set[str] = set()
         self._lock = threading.Lock()
-
-    def contains(self, arcname: str) -> bool:
-        with self._lock:
-            return arcname in self._names
+        self._closed = False
 
     def names(self) -> set[str]:
         with self._lock:
@@ -58,12 +55,17 @@ class ArchiveWriter:
         """Close the archive and give it its final name."""
         with self._lock:
             self._archive.close()
+            self._closed = True
             os.replace(self.partial, self.path)
         return self.path
 
     def abandon(self) -> None:
-        """Close and delete the unfinished archive (a re-run starts it again)."""
+        """Close and delete the unfinished archive (a re-run starts it again); nothing once
+        the archive is finished."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
                 self._archive.close()
             finally:

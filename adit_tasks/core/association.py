@@ -1,10 +1,9 @@
-"""Opening associations to a DICOM server, the single place where connection failures and
-DIMSE statuses become ADIT exceptions.
+"""Opening associations to a DICOM server, each inside a slot of the node's `max_associations`.
 
-`Connection.associate()` holds a slot of the node's `max_associations` for as long as the
-association is open. The slot comes from a `SlotFactory` injected by the caller: Prefect tasks
-pass one backed by Prefect global concurrency limits (so the limit holds across processes and
-machines); plain Python callers get a process-local semaphore.
+The slot comes from a `SlotFactory` given to the `Connection` by whoever builds it: plain
+Python callers get a process-local semaphore (`local_slot`); the Prefect layer holds one slot
+of each node per study on the Prefect server and builds its connections with
+`slot_held_by_caller`. Failed associations become exceptions in adit_tasks.core.status.
 """
 
 from __future__ import annotations
@@ -17,21 +16,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from pydicom import Dataset
-from pynetdicom import AE, Association, build_context
+from pynetdicom import AE, Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.status import code_to_category
 
 from adit_tasks.core.config import ServerNode
-from adit_tasks.core.errors import (
-    AssociationError,
-    AssociationRejected,
-    DimseTimeout,
-    OperationFailed,
-    PacsBusy,
-)
+from adit_tasks.core.errors import AssociationRejected
+from adit_tasks.core.status import association_failure
 
 logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1-255
 
 SlotFactory = Callable[[ServerNode], AbstractContextManager[object]]
 
@@ -49,6 +43,12 @@ def local_slot(node: ServerNode) -> Iterator[None]:
         )
     with sem:
         yield
+
+
+@contextlib.contextmanager
+def slot_held_by_caller(node: ServerNode) -> Iterator[None]:
+    """For connections whose caller already holds the node's slot for the whole job."""
+    yield
 
 
 @dataclass(frozen=True)
@@ -87,15 +87,22 @@ class Connection:
                 evt_handlers=evt_handlers,
             )
             if not assoc.is_established:
-                raise _association_failure(node, assoc)
+                failure = association_failure(node, assoc)
+                logger.warning("%s: association refused or failed: %s", node.name,
+                               type(failure).__name__)
+                raise failure
             tune_for_throughput(assoc)
+            logger.debug("%s: association opened (%d contexts accepted)", node.name,
+                         len(assoc.accepted_contexts))
             try:
                 yield assoc
-            except BaseException:
+            except BaseException as exc:
+                logger.info("%s: association aborted (%s)", node.name, type(exc).__name__)
                 assoc.abort()
                 raise
             else:
                 assoc.release()
+                logger.debug("%s: association released", node.name)
 
 
 def tune_for_throughput(assoc: Association) -> None:
@@ -112,50 +119,3 @@ def tune_for_throughput(assoc: Association) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if hasattr(assoc.dul, "_run_loop_delay"):
         assoc.dul._run_loop_delay = 0.0001
-
-
-def _association_failure(node: ServerNode, assoc: Association) -> Exception:
-    where = f"{node.name} ({node.ae_title}@{node.host}:{node.port})"
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        result = getattr(rsp, "result", None)
-        reason = getattr(rsp, "diagnostic", None)
-        reason_text = getattr(rsp, "reason_str", None) or f"reason {reason}"
-        # result 0x01 is 'rejected permanent'; 0x02 'rejected transient' (e.g. too busy).
-        if result == 0x01:
-            return AssociationRejected(
-                f"{where} rejected the association permanently: {reason_text}. "
-                f"Check that the server knows our AE title and that its AE title is right."
-            )
-        return PacsBusy(f"{where} rejected the association for now: {reason_text}")
-    # pynetdicom reports a refused TCP connection as an abort too: tell the two apart.
-    try:
-        socket.create_connection((node.host, node.port), timeout=2).close()
-    except OSError as exc:
-        return AssociationError(f"{where} did not answer ({exc.strerror or exc})")
-    return AssociationError(f"{where} aborted the association during negotiation")
-
-
-def check_status(node: ServerNode, operation: str, status: Dataset | None) -> int:
-    """The status code of a DIMSE response, or the matching exception for a failure.
-
-    An empty status means pynetdicom gave up waiting (timeout) or the association was aborted.
-    """
-    if status is None or "Status" not in status:
-        raise DimseTimeout(
-            f"{node.name}: {operation} got no response (timeout or association aborted)"
-        )
-    code = int(status.Status)
-    category = code_to_category(code)
-    if category in ("Success", "Pending", "Warning", "Cancel"):
-        return code
-    comment = f" ({status.ErrorComment})" if "ErrorComment" in status else ""
-    # A7xx is 'Refused: out of resources' in every Q/R and storage service.
-    if 0xA700 <= code <= 0xA7FF:
-        raise PacsBusy(f"{node.name}: {operation} refused, out of resources 0x{code:04X}{comment}")
-    raise OperationFailed(f"{node.name}: {operation} failed with status 0x{code:04X}{comment}")
-
-
-def contexts_for(abstract_syntaxes: Sequence[str], transfer_syntaxes: Sequence[str]) -> list:
-    """One presentation context per abstract syntax, each offering all `transfer_syntaxes`."""
-    return [build_context(uid, list(transfer_syntaxes)) for uid in abstract_syntaxes]

@@ -75,6 +75,7 @@ import pandas as pd
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 
+from adit_tasks.core.dates import DATE_HELP, date_or_none, dicom_date
 from adit_tasks.core.errors import InvalidInput
 
 Purpose = Literal["query", "transfer"]
@@ -105,7 +106,6 @@ MAX_LENGTH = {
 }  # fmt: skip
 MAX_PROBLEMS_SHOWN = 50
 
-DATE_HELP = "use YYYY-MM-DD, YYYYMMDD or DD.MM.YYYY"
 QUERY_NEEDS = "PatientID, PatientName + PatientBirthDate, AccessionNumber or StudyInstanceUID"
 CSV_SUFFIXES = (".csv", ".txt")
 EXCEL_SUFFIXES = (".xlsx", ".xlsm")
@@ -407,11 +407,6 @@ def _short(value: str, limit: int = 40) -> str:
 
 # --- validation -------------------------------------------------------------------------------
 
-_DATE_FORMATS = (
-    (re.compile(r"(\d{4})-(\d{2})-(\d{2})"), (1, 2, 3)),
-    (re.compile(r"(\d{4})(\d{2})(\d{2})"), (1, 2, 3)),
-    (re.compile(r"(\d{1,2})\.(\d{1,2})\.(\d{4})"), (3, 2, 1)),
-)
 _MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
 _INTEGER = re.compile(r"[+-]?\d{1,10}")
 _CONTROL = r"[\x00-\x1f\x7f]"
@@ -420,14 +415,8 @@ _PSEUDONYM_FORBIDDEN = r'[/\\:*?"<>|]'
 
 def _parse_date(text: str) -> str | None:
     """YYYYMMDD of an accepted date spelling, None when invalid."""
-    for pattern, (y, m, d) in _DATE_FORMATS:
-        match = pattern.fullmatch(text)
-        if match:
-            try:
-                return date(int(match[y]), int(match[m]), int(match[d])).strftime("%Y%m%d")
-            except ValueError:
-                return None
-    return None
+    day = date_or_none(text)
+    return dicom_date(day) if day else None
 
 
 def _parse_uid(text: str) -> str | None:

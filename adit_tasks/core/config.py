@@ -1,10 +1,12 @@
 """Settings and the nodes file.
 
-The nodes file (YAML, path in `ADIT_NODES_FILE`, default `./nodes.yaml`) declares our own AE
-title, the C-MOVE receiver and the nodes: DICOM servers (DIMSE and/or DICOMweb) and folders.
-`ADIT_*` environment variables and a `.env` file override its top-level keys (a list such as
-`ADIT_NODES` is given as JSON). `load_settings()` is the only place that reads them; everything
-below it gets a validated `Settings` or `ServerNode` passed in explicitly.
+The nodes file (YAML; the path given, else `ADIT_NODES_FILE`, else `./nodes.yaml`) declares our
+own AE title, the C-MOVE receiver and the nodes: DICOM servers (DIMSE and/or DICOMweb) and
+folders. `ADIT_*` environment variables and a `.env` file override its top-level keys (a list
+such as `ADIT_NODES` is given as JSON); the secrets (`ADIT_PSEUDONYM_SECRET`,
+`ADIT_ARCHIVE_PASSWORD`) come only from there, never from the YAML file. `load_settings()` is
+the only place that reads any of them, once, at the edge (a CLI command or a flow's start);
+below the edge code gets the values it needs (a node, a connection, a plan), never `Settings`.
 
 A bad file fails at start with one message that names the file, the node and the field.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,6 +188,9 @@ class Settings(BaseSettings):
     retries: int = Field(default=3, ge=0, le=20)  # retries of a retriable study failure
     retry_delay_seconds: float = Field(default=10.0, ge=0)  # first delay; doubles each retry
     continuous: list[ContinuousJob] = Field(default_factory=list)  # jobs `adit serve` schedules
+    # Secrets: from the environment or .env only (load_settings refuses them in the YAML file).
+    pseudonym_secret: SecretStr | None = None
+    archive_password: SecretStr | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -240,13 +246,16 @@ class Settings(BaseSettings):
         return [n for n in self.nodes if isinstance(n, ServerNode)]
 
 
-class SecretSettings(BaseSettings):
-    """Secrets, from the environment or `.env` only: never from the nodes file or a command line."""
+@dataclass(frozen=True)
+class ReceiverAddress:
+    """Where our C-MOVE storage SCP listens, and the AE title PACS send to."""
 
-    model_config = SettingsConfigDict(env_prefix="ADIT_", env_file=".env", extra="ignore")
+    ae_title: str
+    host: str
+    port: int
 
-    pseudonym_secret: SecretStr | None = None
-    archive_password: SecretStr | None = None
+
+SECRET_KEYS = ("pseudonym_secret", "archive_password")
 
 
 def nodes_file_path(explicit: Path | str | None = None) -> Path:
@@ -270,10 +279,21 @@ def load_settings(nodes_file: Path | str | None = None) -> Settings:
         data = loaded or {}
     elif nodes_file is not None or "ADIT_NODES_FILE" in os.environ:
         raise ConfigError(f"{path}: nodes file not found")
+    for key in SECRET_KEYS:
+        if key in data:
+            raise ConfigError(f"{path}: field '{key}': secrets are not read from the nodes "
+                              f"file; set ADIT_{key.upper()} in the environment or .env")
     try:
-        return Settings(**{**data, "nodes_file": path})
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(path, data, exc)) from None
+    # The file read is the file recorded, whatever ADIT_NODES_FILE says (an explicit
+    # --nodes-file wins over the environment).
+    return settings.model_copy(update={"nodes_file": path})
+
+
+def receiver_address(settings: Settings) -> ReceiverAddress:
+    return ReceiverAddress(settings.ae_title, settings.receiver_host, settings.receiver_port)
 
 
 def _describe(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
@@ -290,8 +310,12 @@ def _describe(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
             loc = [p for p in loc[2:] if p not in ("server", "folder")]
         field = ".".join(str(p) for p in loc)
         msg = err["msg"].removeprefix("Value error, ")
+        source = str(path)
+        if loc and loc[0] not in data and not where:
+            source = "the environment or .env"  # the key came from ADIT_* variables
+            field = f"ADIT_{field.upper()}"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts = [str(path)] + [p for p in (where, f"field '{field}'" if field else "") if p]
+        parts = [source] + [p for p in (where, f"field '{field}'" if field else "") if p]
         lines.append(f"{': '.join(parts)}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -16,17 +16,8 @@ from typing import Any
 
 from adit_tasks.core import find
 from adit_tasks.core.association import Connection
+from adit_tasks.core.dates import DICOM_DATE as DATE
 from adit_tasks.core.errors import InvalidInput
-
-DATE = "%Y%m%d"
-
-
-def parse_day(text: str) -> dt.date:
-    """YYYY-MM-DD or YYYYMMDD as a date, or InvalidInput."""
-    try:
-        return dt.datetime.strptime(text.replace("-", ""), DATE).date()
-    except ValueError:
-        raise InvalidInput(f"invalid date '{text}': use YYYY-MM-DD") from None
 
 
 @dataclass

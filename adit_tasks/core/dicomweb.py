@@ -9,21 +9,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import httpx
 
-from adit_tasks.core.association import SlotFactory, local_slot
+from adit_tasks.core.association import Connection, SlotFactory, local_slot
 from adit_tasks.core.config import ServerNode
 from adit_tasks.core.errors import (
     AssociationError,
     DimseTimeout,
     NotSupported,
     OperationFailed,
-    PacsBusy,
     StudyNotFound,
 )
-from adit_tasks.core.find import validate_uid
 from adit_tasks.core.instances import DicomInstance, InstanceStream
+from adit_tasks.core.status import check_http_status
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,16 @@ def _boundary(content_type: str) -> bytes:
     return match.group(1).encode()
 
 
-def _raise_for_status(node: ServerNode, response: httpx.Response, what: str) -> None:
-    code = response.status_code
-    if code < 400:
-        return
-    if code == 404:
-        raise StudyNotFound(f"{node.name}: {what} not found (HTTP 404)")
-    if code in (429, 502, 503, 504):
-        raise PacsBusy(f"{node.name}: {what}: server busy (HTTP {code})")
-    if code >= 500:
-        raise AssociationError(f"{node.name}: {what}: server error (HTTP {code})")
-    raise OperationFailed(f"{node.name}: {what}: HTTP {code}")
+@dataclass(frozen=True)
+class WadoRs:
+    """Retrieval by WADO-RS from the node's `dicomweb_url`, inside the connection's slot."""
+
+    conn: Connection
+    method: str = "wado-rs"
+
+    def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
+                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
+        return wado_study(self.conn.node, study_uid, series_uids, slot=self.conn.slot)
 
 
 def wado_study(
@@ -84,8 +83,7 @@ def wado_study(
     """Stream the instances of a study (or of the given series) by WADO-RS."""
     if not node.dicomweb_url:
         raise NotSupported(f"node '{node.name}' has no dicomweb_url for WADO-RS")
-    study_uid = validate_uid(study_uid, "StudyInstanceUID")
-    series = [validate_uid(s, "SeriesInstanceUID") for s in series_uids]
+    series = list(series_uids)
     base = f"{node.dicomweb_url}/studies/{study_uid}"
     urls = [f"{base}/series/{s}" for s in series] or [base]
 
@@ -97,7 +95,7 @@ def wado_study(
                     received = 0
                     try:
                         with http.stream("GET", url, headers={"Accept": ACCEPT}) as response:
-                            _raise_for_status(node, response, "WADO-RS study")
+                            check_http_status(node, response.status_code, "WADO-RS study")
                             boundary = _boundary(response.headers.get("content-type", ""))
                             for body in iter_multipart(response.iter_bytes(1 << 20), boundary):
                                 put(DicomInstance.from_bytes(body))
@@ -108,6 +106,7 @@ def wado_study(
                         raise AssociationError(f"{node.name}: WADO-RS failed: {exc}") from exc
                     if received == 0:
                         raise StudyNotFound(f"{node.name}: WADO-RS returned no instances")
+                    logger.info("%s: WADO-RS delivered %d instances", node.name, received)
         finally:
             if client is None:
                 http.close()
@@ -132,7 +131,7 @@ def qido_instance_uids(node: ServerNode, study_uid: str, *, slot: SlotFactory = 
             http.close()
     if response.status_code in (204, 404):
         return set()
-    _raise_for_status(node, response, "QIDO-RS instances")
+    check_http_status(node, response.status_code, "QIDO-RS instances")
     return {item["00080018"]["Value"][0] for item in response.json() if "00080018" in item}
 
 
@@ -162,7 +161,7 @@ def stow_instances(node: ServerNode, instances: Iterable[DicomInstance], *,
                                           "Accept": "application/dicom+json"})
         except httpx.TransportError as exc:
             raise AssociationError(f"{node.name}: STOW-RS failed: {exc}") from exc
-        _raise_for_status(node, response, "STOW-RS")
+        check_http_status(node, response.status_code, "STOW-RS")
         failed = _stow_failures(response)
         stored.extend(i.sop_instance_uid for i in batch if i.sop_instance_uid not in failed)
 

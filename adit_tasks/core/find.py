@@ -29,8 +29,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from adit_tasks.core.association import Connection, check_status
+from adit_tasks.core.association import Connection
 from adit_tasks.core.errors import InvalidInput
+from adit_tasks.core.status import check_status
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ class Level(StrEnum):
 
 
 _DATE = re.compile(r"^\d{8}$")
-_DATE_HELP = "use YYYYMMDD or YYYY-MM-DD, ranges FROM-UNTIL"
 
 
 def validate_uid(value: str, what: str = "UID") -> str:
@@ -52,36 +52,6 @@ def validate_uid(value: str, what: str = "UID") -> str:
     if not UID(value).is_valid:
         raise InvalidInput(f"invalid {what} '{value}' (digits and dots, at most 64 characters)")
     return value
-
-
-def parse_date_range(text: str) -> tuple[str, str]:
-    """`YYYYMMDD`, `YYYY-MM-DD`, or a range `FROM-UNTIL` / `FROM-` / `-UNTIL` as (from, until)."""
-    text = text.strip()
-
-    def norm(d: str) -> str:
-        d = d.strip().replace("-", "")
-        if d and not _DATE.match(d):
-            raise InvalidInput(f"invalid date '{text}': {_DATE_HELP}")
-        return d
-
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) or _DATE.match(text):
-        d = norm(text)
-        return d, d
-    # Range separators: '-' between two YYYYMMDD, or ' - ' / '..' between ISO dates.
-    for sep in ("..", " - ", "-"):
-        if sep in text:
-            if sep == "-" and re.search(r"\d{4}-\d{2}-\d{2}", text):
-                m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})?-(\d{4}-\d{2}-\d{2})?", text)
-                if not m:
-                    break
-                start, end = m.group(1) or "", m.group(2) or ""
-            else:
-                start, _, end = text.partition(sep)
-            start, end = norm(start), norm(end)
-            if start and end and start > end:
-                raise InvalidInput(f"invalid date range '{text}': start is after end")
-            return start, end
-    raise InvalidInput(f"invalid date '{text}': {_DATE_HELP}")
 
 
 def _dicom_range(start: str, end: str) -> str:
@@ -314,6 +284,13 @@ def find_studies(conn: Connection, query: Query) -> list[Study]:
             if query.limit and len(studies) >= query.limit:
                 break
     return studies
+
+
+def find_at_level(conn: Connection, query: Query) -> list[Study] | list[Series]:
+    """Studies, or series when the query's level is SERIES."""
+    if query.level == Level.SERIES:
+        return find_series(conn, query)
+    return find_studies(conn, query)
 
 
 def _study_matches(query: Query, study: Study) -> bool:

@@ -20,25 +20,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from adit_tasks.core.association import Connection, check_status
-from adit_tasks.core.errors import IncompleteRetrieval, OperationFailed, StudyNotFound
-from adit_tasks.core.find import validate_uid
+from adit_tasks.core.association import MAX_CONTEXTS, Connection
 from adit_tasks.core.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
+    UNCOMPRESSED,
     DicomInstance,
     InstanceStream,
     StreamClosed,
 )
+from adit_tasks.core.status import (
+    SubOperations,
+    check_retrieve_outcome,
+    check_retrieve_status,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_CONTEXTS = 128
-_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 # Where the study's SOP classes are unknown, these get contexts of their own for the common
@@ -67,12 +68,12 @@ _COMMON_COMPRESSED = [
 
 def storage_contexts(sop_classes: Iterable[str] | None, room: int) -> list:
     """Storage contexts for at most `room` contexts (see the module docstring)."""
-    compressed = [ts for ts in TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED]
+    compressed = [ts for ts in TRANSFER_SYNTAXES if ts not in UNCOMPRESSED]
     known = sorted(set(sop_classes or ()))
     if known and len(known) * (1 + len(compressed)) <= room:
         contexts = []
         for uid in known:
-            contexts.append(build_context(uid, _UNCOMPRESSED))
+            contexts.append(build_context(uid, UNCOMPRESSED))
             contexts.extend(build_context(uid, ts) for ts in compressed)
         return contexts
     # A context with several syntaxes lets the PACS pick one it cannot convert to, so each
@@ -80,7 +81,7 @@ def storage_contexts(sop_classes: Iterable[str] | None, room: int) -> list:
     # contexts come first: DCMTK uses the first accepted context of a SOP class.
     common = known + [c for c in _COMMON_CLASSES if c not in known]
     classes = common + [c for c in STORAGE_SOP_CLASSES if c not in common]
-    contexts = [build_context(uid, _UNCOMPRESSED) for uid in classes]
+    contexts = [build_context(uid, UNCOMPRESSED) for uid in classes]
     compressed_room = max(0, room - len(contexts))
     extra = [build_context(uid, ts) for uid in common for ts in _COMMON_COMPRESSED]
     if compressed_room < len(extra):  # make room: drop the rarest uncompressed classes
@@ -90,25 +91,8 @@ def storage_contexts(sop_classes: Iterable[str] | None, room: int) -> list:
     return (contexts + extra[:compressed_room])[:room]
 
 
-@dataclass
-class SubOperations:
-    """The sub-operation counts of the last C-GET/C-MOVE response."""
-
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-
-    def update(self, status: Dataset) -> None:
-        self.completed = int(status.get("NumberOfCompletedSuboperations", self.completed) or 0)
-        self.failed = int(status.get("NumberOfFailedSuboperations", self.failed) or 0)
-        self.warning = int(status.get("NumberOfWarningSuboperations", self.warning) or 0)
-
-    def __add__(self, other: SubOperations) -> SubOperations:
-        return SubOperations(self.completed + other.completed, self.failed + other.failed,
-                             self.warning + other.warning)
-
-
 def retrieve_identifier(study_uid: str, series_uid: str = "") -> Dataset:
+    """The C-GET/C-MOVE identifier of a study, or of one of its series."""
     ds = Dataset()
     ds.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
     ds.StudyInstanceUID = study_uid
@@ -117,34 +101,16 @@ def retrieve_identifier(study_uid: str, series_uid: str = "") -> Dataset:
     return ds
 
 
-def check_retrieve_status(conn: Connection, operation: str, status: Dataset | None,
-                          received: int, subops: SubOperations) -> int:
-    """check_status, except that a failure before anything was offered means 'not found'.
+@dataclass(frozen=True)
+class CGet:
+    """Retrieval by C-GET over one association (see the module docstring)."""
 
-    Orthanc answers a C-GET/C-MOVE of an unknown study with 0xC000 and no sub-operations.
-    """
-    try:
-        return check_status(conn.node, operation, status)
-    except OperationFailed as exc:
-        if received == 0 and subops.completed + subops.failed + subops.warning == 0:
-            raise StudyNotFound(f"{conn.node.name}: {operation} found nothing to send "
-                                f"({exc})") from None
-        raise
+    conn: Connection
+    method: str = "c-get"
 
-
-def check_outcome(conn: Connection, operation: str, study_uid: str, received: int,
-                  subops: SubOperations) -> None:
-    """Turn a finished retrieval's counts into success, StudyNotFound or IncompleteRetrieval."""
-    offered = subops.completed + subops.failed + subops.warning
-    if received == 0 and offered == 0:
-        raise StudyNotFound(f"{conn.node.name}: {operation} found nothing for the requested study")
-    if subops.failed or received < subops.completed + subops.warning:
-        raise IncompleteRetrieval(
-            f"{conn.node.name}: {operation} delivered {received} of {offered} instances "
-            f"({subops.failed} sub-operations failed)",
-            expected=offered,
-            received=received,
-        )
+    def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
+                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
+        return get_study(self.conn, study_uid, series_uids, sop_classes=sop_classes)
 
 
 def get_study(
@@ -155,8 +121,7 @@ def get_study(
     sop_classes: Iterable[str] | None = None,
 ) -> InstanceStream:
     """Stream the instances of a study (or of the given series) by C-GET."""
-    study_uid = validate_uid(study_uid, "StudyInstanceUID")
-    series = [validate_uid(s, "SeriesInstanceUID") for s in series_uids]
+    series = list(series_uids)
     model = StudyRootQueryRetrieveInformationModelGet
     contexts = [build_context(model), *storage_contexts(sop_classes, MAX_CONTEXTS - 1)]
     roles = [build_role(uid, scp_role=True)
@@ -188,8 +153,9 @@ def get_study(
                 for status, _ in assoc.send_c_get(identifier, model):
                     if status:
                         subops.update(status)
-                    check_retrieve_status(conn, "C-GET", status, received, subops)
+                    check_retrieve_status(conn.node, "C-GET", status, received, subops)
                 total += subops
-        check_outcome(conn, "C-GET", study_uid, received, total)
+        check_retrieve_outcome(conn.node, "C-GET", received, total)
+        logger.info("%s: C-GET delivered %d instances", conn.node.name, received)
 
     return InstanceStream(produce, name=f"c-get-{conn.node.name}")

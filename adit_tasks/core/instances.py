@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 # Uncompressed first (what most PACS store), then every compressed syntax pydicom knows, so
 # a PACS can send an instance in the syntax it is stored in.
-TRANSFER_SYNTAXES: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] + [
-    ts for ts in AllTransferSyntaxes if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+UNCOMPRESSED: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+TRANSFER_SYNTAXES: list[str] = UNCOMPRESSED + [
+    ts for ts in AllTransferSyntaxes if ts not in UNCOMPRESSED
 ]
 
 STORAGE_SOP_CLASSES: list[str] = [cx.abstract_syntax for cx in StoragePresentationContexts]

@@ -11,22 +11,31 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from adit_tasks.core.association import Connection
-from adit_tasks.core.find import validate_uid
-from adit_tasks.core.get import (
-    SubOperations,
-    check_outcome,
-    check_retrieve_status,
-    retrieve_identifier,
-)
+from adit_tasks.core.get import retrieve_identifier
 from adit_tasks.core.instances import DicomInstance, InstanceStream, StreamClosed
 from adit_tasks.core.receiver import Receiver
+from adit_tasks.core.status import SubOperations, check_retrieve_outcome, check_retrieve_status
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CMove:
+    """Retrieval by C-MOVE to a receiver that whoever runs the work started (and stops)."""
+
+    conn: Connection
+    receiver: Receiver
+    method: str = "c-move"
+
+    def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
+                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
+        return move_study(self.conn, self.receiver, study_uid, series_uids)
 
 
 def move_study(
@@ -36,8 +45,7 @@ def move_study(
     series_uids: Iterable[str] = (),
 ) -> InstanceStream:
     """Stream the instances of a study (or of the given series) by C-MOVE to `receiver`."""
-    study_uid = validate_uid(study_uid, "StudyInstanceUID")
-    series = [validate_uid(s, "SeriesInstanceUID") for s in series_uids]
+    series = list(series_uids)
     model = StudyRootQueryRetrieveInformationModelMove
 
     def produce(put: Callable[[DicomInstance], None]) -> None:
@@ -64,9 +72,11 @@ def move_study(
                         raise StreamClosed("the consumer stopped reading")
                     if status:
                         subops.update(status)
-                    check_retrieve_status(conn, "C-MOVE", status, route.received, subops)
+                    check_retrieve_status(conn.node, "C-MOVE", status, route.received,
+                                          subops)
                 total += subops
             received = route.received
-        check_outcome(conn, "C-MOVE", study_uid, received, total)
+        check_retrieve_outcome(conn.node, "C-MOVE", received, total)
+        logger.info("%s: C-MOVE delivered %d instances", conn.node.name, received)
 
     return InstanceStream(produce, name=f"c-move-{conn.node.name}")

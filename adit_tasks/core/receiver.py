@@ -1,4 +1,4 @@
-"""Our storage SCP for C-MOVE: one per process, shared by every C-MOVE running in it.
+"""Our storage SCP for C-MOVE: one per job, shared by every C-MOVE the job runs.
 
 A C-MOVE asks the PACS to send the instances to our AE title on another association. Each
 waiting retrieval registers a route under the Message ID of its C-MOVE request. PACS put that
@@ -6,8 +6,10 @@ ID into each C-STORE as Move Originator Message ID (PS3.7 9.3.1.1), and the rece
 instance to the matching route. A PACS that leaves it out is matched by Study/Series Instance
 UID instead. An instance that belongs to no waiting retrieval is refused, never kept.
 
-Every process that runs C-MOVEs needs its own port and an AE title the PACS knows; several
-workers on one machine therefore need different `receiver_port`s (or use C-GET / WADO-RS).
+Whoever runs the work opens the receiver (`open_receiver`) and stops it when the job ends. Every
+job that runs C-MOVEs at the same time on one machine needs its own port and an AE title the
+PACS knows; several workers on one machine therefore need different `receiver_port`s (or use
+C-GET / WADO-RS).
 """
 
 from __future__ import annotations
@@ -84,10 +86,6 @@ class Receiver:
             self._server.shutdown()
             self._server = None
 
-    @property
-    def running(self) -> bool:
-        return self._server is not None
-
     @contextlib.contextmanager
     def route(self, study_uid: str, series_uids: frozenset[str],
               put: Callable[[DicomInstance], None]) -> Iterator[tuple[int, Route]]:
@@ -130,15 +128,11 @@ class Receiver:
         return 0x0000
 
 
-_receivers: dict[tuple[str, str, int], Receiver] = {}
-_receivers_lock = threading.Lock()
-
-
-def shared_receiver(ae_title: str, host: str, port: int) -> Receiver:
-    """The process's receiver for this address, started on first use."""
-    key = (ae_title, host, port)
-    with _receivers_lock:
-        receiver = _receivers.get(key)
-        if receiver is None or not receiver.running:
-            receiver = _receivers[key] = Receiver(ae_title, host, port).start()
-        return receiver
+@contextlib.contextmanager
+def open_receiver(ae_title: str, host: str, port: int) -> Iterator[Receiver]:
+    """A receiver for the duration of a job: started here, stopped when the job ends."""
+    receiver = Receiver(ae_title, host, port).start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()

@@ -1,40 +1,48 @@
-"""Retrieval by whichever method a node prefers: C-GET, C-MOVE or WADO-RS.
+"""One retrieval interface, three transports: C-GET, C-MOVE and WADO-RS.
 
-The node's `retrieve` list is its order of preference; a request may name one method instead.
+Every `Retriever` turns a study (or some of its series) into a bounded stream of instances as
+the PACS stores them (adit_tasks.core.instances). Which one a job uses is decided once, when
+its plan is built: the method the request names, else the node's first preference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Protocol
 
 from adit_tasks.core.association import Connection
-from adit_tasks.core.config import RetrieveMethod, Settings
-from adit_tasks.core.dicomweb import wado_study
-from adit_tasks.core.errors import NotSupported
-from adit_tasks.core.get import get_study
+from adit_tasks.core.config import RetrieveMethod, ServerNode
+from adit_tasks.core.dicomweb import WadoRs
+from adit_tasks.core.errors import ConfigError, NotSupported
+from adit_tasks.core.get import CGet
 from adit_tasks.core.instances import InstanceStream
-from adit_tasks.core.move import move_study
-from adit_tasks.core.receiver import shared_receiver
+from adit_tasks.core.move import CMove
+from adit_tasks.core.receiver import Receiver
 
 
-def retrieve_study(
-    settings: Settings,
-    conn: Connection,
-    study_uid: str,
-    series_uids: Iterable[str] = (),
-    *,
-    method: RetrieveMethod | None = None,
-    sop_classes: Iterable[str] | None = None,
-) -> InstanceStream:
-    """Stream a study (or some of its series) from `conn.node` by its preferred method."""
-    node = conn.node
+class Retriever(Protocol):
+    """A study (or some of its series) as a stream of instances."""
+
+    @property
+    def method(self) -> str: ...
+
+    def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
+                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream: ...
+
+
+def choose_method(node: ServerNode, method: RetrieveMethod | None) -> RetrieveMethod:
+    """The method asked for (if the node offers it), else the node's first preference."""
     if method is not None and method not in node.retrieve:
         raise NotSupported(f"node '{node.name}' does not list {method} in its retrieve methods")
-    chosen = method or node.retrieve[0]
-    if chosen == "c-get":
-        return get_study(conn, study_uid, series_uids, sop_classes=sop_classes)
-    if chosen == "c-move":
-        receiver = shared_receiver(settings.ae_title, settings.receiver_host,
-                                   settings.receiver_port)
-        return move_study(conn, receiver, study_uid, series_uids)
-    return wado_study(node, study_uid, series_uids, slot=conn.slot)
+    return method or node.retrieve[0]
+
+
+def make_retriever(conn: Connection, method: RetrieveMethod,
+                   receiver: Receiver | None = None) -> Retriever:
+    """The retriever for a chosen method; C-MOVE needs the job's receiver."""
+    if method == "c-get":
+        return CGet(conn)
+    if method == "c-move":
+        if receiver is None:
+            raise ConfigError("C-MOVE needs a receiver (open_receiver) for the job")
+        return CMove(conn, receiver)
+    return WadoRs(conn)

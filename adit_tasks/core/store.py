@@ -18,19 +18,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import Association, build_context
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from adit_tasks.core.association import Connection, check_status
+from adit_tasks.core.association import MAX_CONTEXTS, Connection
 from adit_tasks.core.errors import OperationFailed, PacsBusy
-from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.instances import UNCOMPRESSED, DicomInstance
+from adit_tasks.core.status import check_status
 
 logger = logging.getLogger(__name__)
-
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-MAX_CONTEXTS = 128
 
 
 @dataclass
@@ -39,7 +37,6 @@ class StoreResult:
 
     stored: list[str] = field(default_factory=list)  # SOPInstanceUIDs
     failed: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
-    warnings: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -53,15 +50,15 @@ def _contexts(pairs: set[tuple[str, str]]) -> list:
     contexts = []
     for sop_class, syntaxes in sorted(by_class.items()):
         # One context per syntax, so the server accepts or refuses each one on its own.
-        for ts in sorted(syntaxes | set(_UNCOMPRESSED)):
+        for ts in sorted(syntaxes | set(UNCOMPRESSED)):
             contexts.append(build_context(sop_class, ts))
     return contexts[:MAX_CONTEXTS]
 
 
 def _accepts(assoc: Association, instance: DicomInstance) -> bool:
     wanted = {instance.transfer_syntax_uid}
-    if instance.transfer_syntax_uid in _UNCOMPRESSED:
-        wanted = set(_UNCOMPRESSED)
+    if instance.transfer_syntax_uid in UNCOMPRESSED:
+        wanted = set(UNCOMPRESSED)
     return any(
         cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] in wanted
         for cx in assoc.accepted_contexts
@@ -91,6 +88,8 @@ def store_instances(conn: Connection, instances: Iterable[DicomInstance]) -> Sto
                 else:
                     _store_one(conn, assoc, pending, result)
                 pending = next(it, None)
+    logger.info("%s: C-STORE stored %d instances, %d refused", conn.node.name,
+                len(result.stored), len(result.failed))
     return result
 
 
@@ -131,7 +130,7 @@ def _payload(assoc: Association, instance: DicomInstance) -> tuple[int, bytes]:
             return cx.context_id, instance.data[offset:]
     for cx in assoc.accepted_contexts:
         ts = UID(cx.transfer_syntax[0])
-        if cx.abstract_syntax == instance.sop_class_uid and ts in _UNCOMPRESSED:
+        if cx.abstract_syntax == instance.sop_class_uid and ts in UNCOMPRESSED:
             encoded = encode(instance.dataset, ts.is_implicit_VR, ts.is_little_endian)
             if encoded is None:
                 raise ValueError("the instance could not be encoded")
@@ -171,6 +170,6 @@ def _store_one(conn: Connection, assoc: Association, instance: DicomInstance,
         result.failed[instance.sop_instance_uid] = str(exc)
         return
     if code != 0x0000:
-        result.warnings[instance.sop_instance_uid] = f"C-STORE warning 0x{code:04X}"
+        logger.info("%s: C-STORE warning 0x%04X", conn.node.name, code)
     result.stored.append(instance.sop_instance_uid)
     instance.__dict__.pop("dataset", None)  # free a parsed copy, if one was made

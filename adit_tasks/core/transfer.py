@@ -1,6 +1,6 @@
 """One study from a source server to a sink, pseudonymized on the way if asked, verified.
 
-Plain Python: the Prefect task in `adit_tasks.tasks` adds retries, names and limits around it.
+Plain Python: the Prefect task in `adit_tasks.tasks` adds retries, names and slots around it.
 Steps (docs/architecture.md): resolve the study and the instances to expect (C-FIND), work out
 what the destination must end up holding (pseudonymized UIDs are deterministic, so this is
 known before anything moves), skip the study if it is all there, otherwise retrieve as a
@@ -17,26 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from adit_tasks.core.association import Connection
-from adit_tasks.core.config import RetrieveMethod, Settings
 from adit_tasks.core.errors import IncompleteRetrieval, StudyNotFound
 from adit_tasks.core.find import Query, Study, find_studies, manifest
 from adit_tasks.core.folder import safe_component
 from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.plan import TransferPlan
 from adit_tasks.core.pseudonymize import BurnedInAnnotation, Pseudonymizer
-from adit_tasks.core.retrieve import retrieve_study
-from adit_tasks.core.sinks import Sink, StudyTarget
+from adit_tasks.core.results import StudyJob
+from adit_tasks.core.sinks import StudyTarget
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["success", "warning", "failure"]
-
-
 @dataclass
 class StudyOutcome:
-    """The result row of one study."""
+    """What moving one study achieved (a failure is raised, never returned)."""
 
-    status: Status
+    status: Literal["success", "warning"]
     expected: int
     transferred: int
     skipped: int = 0
@@ -87,17 +83,14 @@ def _written_date(date: str, p: Pseudonymizer, patient_id: str) -> str:
     return (day - dt.timedelta(days=p.date_offset(patient_id))).strftime("%Y%m%d")
 
 
-def transfer_study(
-    settings: Settings,
-    source: Connection,
-    sink: Sink,
-    study_uid: str,
-    series_uids: tuple[str, ...] = (),
-    *,
-    pseudonymization: Pseudonymization | None = None,
-    method: RetrieveMethod | None = None,
-) -> StudyOutcome:
-    """Move one study (or some of its series); raises on failure, returns the counts."""
+def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
+    """Move one study (or some of its series); raises on failure, returns the counts.
+
+    The caller holds the slots of `plan.nodes` (or the plan's connections take their own)."""
+    source, sink = plan.source, plan.sink
+    study_uid, series_uids = job.study_uid, job.series_uids
+    pseudonymization = (Pseudonymization(plan.pseudonymizer, job.pseudonym or None)
+                        if plan.pseudonymizer else None)
     found = find_studies(source, Query(study_uid=study_uid))
     if not found:
         raise StudyNotFound(f"{source.node.name}: study not found")
@@ -119,8 +112,9 @@ def transfer_study(
         return outcome
 
     counts = _Counts()
-    stream = retrieve_study(settings, source, study_uid, series_uids, method=method,
-                            sop_classes=expected.sop_classes)
+    logger.info("%s: %d of %d instances to send by %s", source.node.name,
+                len(wanted) - len(present), len(wanted), plan.retriever.method)
+    stream = plan.retriever.retrieve(study_uid, series_uids, frozenset(expected.sop_classes))
     with stream:
         try:
             result = sink.write(target, _prepare(stream, present, pseudonymization,

@@ -1,0 +1,169 @@
+"""A run's plan, built once at the edge: everything a transfer needs, checked and typed.
+
+The edge (a CLI command or a flow's start) reads the settings and the secrets once and calls
+`transfer_plan()`. What comes out is frozen: the source connection, the retriever, the sink
+and the destination node it talks to, the pseudonymizer, the source's window and pacing, and
+the retry policy. Code below the plan receives what it needs from it and never looks up a
+node name, reads `Settings` or the environment.
+
+`transfer_plan()` is a context manager because a plan may own resources for the run: the C-MOVE
+receiver (stopped when the run ends) and the job's archive (abandoned unless the run finished
+it, so a crash never leaves a plausible-looking partial archive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from adit_tasks.core.archive import ArchiveWriter
+from adit_tasks.core.association import Connection, SlotFactory
+from adit_tasks.core.config import FolderNode, RetrieveMethod, ServerNode, Settings
+from adit_tasks.core.errors import ConfigError, NotSupported
+from adit_tasks.core.folder import safe_component
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.core.pseudonymize import Pseudonymizer
+from adit_tasks.core.receiver import open_receiver
+from adit_tasks.core.results import StudyJob
+from adit_tasks.core.retrieve import Retriever, choose_method, make_retriever
+from adit_tasks.core.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
+from adit_tasks.core.windows import OutsideWindow, TransferWindow
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a study that failed for a passing reason is tried again (doubling delays)."""
+
+    retries: int
+    first_delay: float
+
+    def delays(self) -> list[float]:
+        return [self.first_delay * 2**i for i in range(self.retries)]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How hard the source may be loaded: its transfer window and its pace.
+
+    Checked between studies (or chunks of queries), never inside one: a study in flight when
+    the window closes finishes; the next one waits for the opening.
+    """
+
+    node: str
+    window: TransferWindow
+    urgent: bool = False
+    studies_per_minute: float | None = None
+    pause_between_studies: float = 0.0
+
+    @classmethod
+    def of(cls, node: ServerNode, window: str = "", urgent: bool = False) -> Gate:
+        """The node's gate; `window` (a run's own) replaces the node's window."""
+        return cls(node.name, TransferWindow.parse(window or node.transfer_window), urgent,
+                   node.studies_per_minute, node.pause_between_studies)
+
+    def check(self) -> None:
+        """OutsideWindow (with the opening time) when the window is closed now."""
+        if not self.urgent and not self.window.is_open():
+            raise OutsideWindow(self.node, self.window.next_open())
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Everything one transfer run needs, resolved and checked."""
+
+    source: Connection
+    retriever: Retriever
+    sink: Sink
+    destination: ServerNode | None  # the destination server, when the sink is one
+    pseudonymizer: Pseudonymizer | None
+    gate: Gate
+    retry: RetryPolicy
+    archive: ArchiveWriter | None = None
+    complete_archive: str = ""  # the job's archive exists already: nothing to do
+
+    @property
+    def nodes(self) -> tuple[ServerNode, ...]:
+        """The servers a study talks to: each needs one of its slots for the study."""
+        return (self.source.node,) + ((self.destination,) if self.destination else ())
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.retries, settings.retry_delay_seconds)
+
+
+@contextlib.contextmanager
+def transfer_plan(
+    settings: Settings,
+    source: str,
+    destination: str,
+    options: TransferOptions,
+    jobs: list[StudyJob],
+    *,
+    method: RetrieveMethod | None = None,
+    pseudonym_secret: str = "",
+    archive_password: str = "",
+    slot: SlotFactory,
+) -> Iterator[TransferPlan]:
+    """The plan of one transfer run; ConfigError for anything that cannot work, before any
+    DICOM work starts. `slot` limits the plan's associations (see adit_tasks.core.association).
+    """
+    source_node = settings.server(source)
+    target = settings.node(destination)
+    chosen = choose_method(source_node, method)
+    pseudonymizer = None
+    if options.pseudonymizing:
+        if not pseudonym_secret:
+            raise ConfigError("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET "
+                              "(environment or .env) or the Prefect Secret block "
+                              "'adit-pseudonym-secret'")
+        pseudonymizer = Pseudonymizer(pseudonym_secret, options.pseudonymization(
+            frozenset(source_node.safe_private_creators)))
+    conn = Connection(source_node, settings.ae_title, slot)
+    common = dict(source=conn, pseudonymizer=pseudonymizer,
+                  gate=Gate.of(source_node, options.window, options.urgent),
+                  retry=retry_policy(settings))
+    with contextlib.ExitStack() as stack:
+        receiver = None
+        if chosen == "c-move":
+            receiver = stack.enter_context(open_receiver(
+                settings.ae_title, settings.receiver_host, settings.receiver_port))
+        retriever = make_retriever(conn, chosen, receiver)
+        if options.archive:
+            if not isinstance(target, FolderNode):
+                raise ConfigError(f"archives are written to folder nodes; '{destination}' "
+                                  "is not one")
+            path = target.path / archive_name(options, jobs)
+            if path.exists():
+                yield TransferPlan(retriever=retriever, sink=FolderSink(target.path),
+                                   destination=None, complete_archive=path.name, **common)
+                return
+            if not archive_password:
+                raise ConfigError("archives need a password: set ADIT_ARCHIVE_PASSWORD "
+                                  "(environment or .env) or the Prefect Secret block "
+                                  "'adit-archive-password'")
+            archive = ArchiveWriter(path, archive_password, compress=options.compress)
+            stack.callback(archive.abandon)  # a no-op once the run finished it
+            yield TransferPlan(retriever=retriever, sink=ArchiveSink(archive),
+                               destination=None, archive=archive, **common)
+            return
+        if isinstance(target, FolderNode):
+            yield TransferPlan(retriever=retriever, sink=FolderSink(target.path),
+                               destination=None, **common)
+            return
+        if not target.store:
+            raise NotSupported(f"node '{destination}' does not accept instances (store: false)")
+        dest_conn = Connection(target, settings.ae_title, slot)
+        sink = ServerSink(dest_conn) if target.has_dimse else DicomWebSink(dest_conn)
+        yield TransferPlan(retriever=retriever, sink=sink, destination=target, **common)
+
+
+def archive_name(options: TransferOptions, jobs: list[StudyJob]) -> str:
+    """`<trial or adit>-<job hash>.7z`: the same job always gets the same name (re-runs skip
+    it), and the name reveals nothing about the patients."""
+    job = [(j.study_uid, list(j.series_uids), j.pseudonym) for j in jobs]
+    digest = hashlib.sha256(json.dumps([job, options.model_dump()], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:12]
+    return f"{safe_component(options.trial_id, 'adit')}-{digest}.7z"

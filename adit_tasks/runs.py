@@ -1,0 +1,202 @@
+"""Running a run's studies and reporting them: the one run loop and the one publisher.
+
+`run_studies(plan, jobs)` submits one task run per study (named by position, `study-3`, never
+by patient data), turns every outcome into a typed `StudyResult`, continues studies that met
+a closed transfer window when it opens, and finishes or abandons the job's archive.
+`publish()` shows a result table (without original identifiers when pseudonymizing) and ends
+the run Failed when anything failed, so the UI shows it.
+
+Progress goes to a Prefect progress artifact and to the `adit.progress` logger (the CLI draws
+its progress bar from those records): an explicit, standard channel, no module global.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed, Failed, Scheduled, State
+
+from adit_tasks.core.association import slot_held_by_caller
+from adit_tasks.core.config import RetrieveMethod, Settings
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.core.plan import TransferPlan, transfer_plan
+from adit_tasks.core.results import StudyJob, StudyResult, summary
+from adit_tasks.core.windows import OutsideWindow, sleep_until
+from adit_tasks.limits import ensure_node_limits
+from adit_tasks.secrets import read_secrets
+from adit_tasks.tasks import transfer_study_task, with_retries
+
+progress_log = logging.getLogger("adit.progress")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Progress:
+    """A progress artifact (updated at most every few seconds: each update is an API call)
+    and a record on the `adit.progress` logger per step, with `extra={"progress": (done,
+    total)}`."""
+
+    def __init__(self, description: str, every: float = 3.0) -> None:
+        self._id = create_progress_artifact(0.0, description=description)
+        self._every = every
+        self._last = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        progress_log.debug("%d of %d done", done, total, extra={"progress": (done, total)})
+        now = time.monotonic()
+        if done == total or now - self._last >= self._every:
+            update_progress_artifact(self._id, 100.0 * done / max(total, 1))
+            self._last = now
+
+
+def run_in_windows(items: Sequence[T], run_round: Callable[[list[T]], list[R | OutsideWindow]],
+                   *, can_wait: bool) -> tuple[dict[int, R], list[int], dt.datetime | None]:
+    """Run the items in rounds until none meets a closed window, waiting for each opening in
+    this process when `can_wait`. Returns the results by index, the indices still postponed
+    (only when not waiting) and the earliest opening."""
+    results: dict[int, R] = {}
+    pending = list(range(len(items)))
+    while pending:
+        postponed: list[int] = []
+        opens: dt.datetime | None = None
+        for i, outcome in zip(pending, run_round([items[i] for i in pending]), strict=True):
+            if isinstance(outcome, OutsideWindow):
+                postponed.append(i)
+                opens = min(opens or outcome.opens, outcome.opens)
+            else:
+                results[i] = outcome
+        if not postponed or opens is None:
+            return results, [], None
+        if not can_wait:
+            return results, postponed, opens
+        get_run_logger().info("%d item(s) wait for the transfer window (opens %s)",
+                              len(postponed), f"{opens:%Y-%m-%d %H:%M}")
+        sleep_until(opens)
+        pending = postponed
+    return results, [], None
+
+
+def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
+                continue_postponed: bool = True) -> list[StudyResult]:
+    """One task run per job; one typed result per job, in the order given.
+
+    Studies that meet a closed window continue when it opens: a run started by hand waits in
+    its process; a deployment run schedules a copy of itself for the opening and ends, so no
+    worker slot is held for hours (re-running is safe: what is present is skipped). An archive
+    job is never continued half-way, and `continue_postponed=False` (the continuous flow,
+    whose next scheduled run continues) leaves them postponed.
+    """
+    if plan.complete_archive:
+        return [StudyResult(i, job, "success",
+                            message=f"archive {plan.complete_archive} is already complete")
+                for i, job in enumerate(jobs, start=1)]
+    task = with_retries(transfer_study_task, plan.retry)
+    progress = Progress("studies finished")
+    numbered = list(enumerate(jobs, start=1))
+    finished = 0
+
+    def run_round(batch: list[tuple[int, StudyJob]]) -> list[StudyResult | OutsideWindow]:
+        nonlocal finished
+        futures = [task.with_options(task_run_name=f"study-{n}").submit(plan, job)
+                   for n, job in batch]
+        outcomes: list[StudyResult | OutsideWindow] = []
+        for (n, job), future in zip(batch, futures, strict=True):
+            future.wait()
+            outcome = future.state.result(raise_on_failure=False)
+            if isinstance(outcome, OutsideWindow):
+                outcomes.append(outcome)
+                continue
+            if isinstance(outcome, BaseException):
+                outcomes.append(StudyResult(n, job, "failure", message=str(outcome),
+                                            pseudonym=job.pseudonym))
+            else:
+                outcomes.append(StudyResult(
+                    n, job, outcome.status, expected=outcome.expected,
+                    transferred=outcome.transferred, skipped=outcome.skipped,
+                    message=outcome.message, pseudonym=outcome.pseudonym,
+                    destination_study_uid=outcome.destination_study_uid))
+            finished += 1
+            progress.update(finished, len(jobs))
+        return outcomes
+
+    waits = continue_postponed and plan.archive is None and not deployment.id
+    done, postponed, opens = run_in_windows(numbered, run_round, can_wait=waits)
+    note = ""
+    if postponed and opens is not None:
+        if continue_postponed and deployment.id:
+            note = (f"; continues in run '{schedule_again(deployment.id, opens)}' "
+                    f"at {opens:%Y-%m-%d %H:%M}")
+        elif plan.archive is not None:
+            note = "; the archive was not written: run the job again then"
+    results = [done[i] if i in done else StudyResult(
+        n, job, "postponed", pseudonym=job.pseudonym, opens=opens,
+        message=f"outside the transfer window of {plan.gate.node}; it opens at "
+                f"{opens:%Y-%m-%d %H:%M}{note}")
+        for i, (n, job) in enumerate(numbered)]
+    _close_archive(plan, results)
+    return results
+
+
+def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[StudyJob],
+                  options: TransferOptions, method: RetrieveMethod | None = None, *,
+                  continue_postponed: bool = True) -> list[StudyResult]:
+    """The edge of every flow that moves studies: secrets, plan and limits, then the run.
+    Everything that cannot work fails here (ConfigError), before any DICOM work."""
+    secrets = read_secrets(settings, options)
+    with transfer_plan(settings, source, destination, options, jobs, method=method,
+                       pseudonym_secret=secrets.pseudonym_secret,
+                       archive_password=secrets.archive_password,
+                       slot=slot_held_by_caller) as plan:
+        ensure_node_limits(list(plan.nodes))
+        return run_studies(plan, jobs, continue_postponed=continue_postponed)
+
+
+def _close_archive(plan: TransferPlan, results: list[StudyResult]) -> None:
+    if plan.archive is None:
+        return
+    logger = get_run_logger()
+    if any(r.status in ("failure", "postponed") for r in results):
+        plan.archive.abandon()
+        logger.warning("archive not written: a study failed or waits; a re-run starts it again")
+    else:
+        logger.info("archive written: %s", plan.archive.finish().name)
+
+
+def schedule_again(deployment_id: Any, at: dt.datetime) -> str:
+    """A new run of this deployment with this run's parameters, scheduled for `at`."""
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            deployment_id, parameters=dict(flow_run.parameters),
+            state=Scheduled(scheduled_time=at.astimezone()))
+    return run.name
+
+
+def publish(results: list[StudyResult], *, pseudonymizing: bool,
+            what: str = "studies") -> State:
+    """The result table artifact, a log line, and the run's final state with the results."""
+    failed, line = summary(results, what)
+    publish_table([r.row(pseudonymizing=pseudonymizing) for r in results],
+                  key="transfer-result", description=line)
+    if failed:
+        return Failed(message=line, data=results)
+    return Completed(message=line, data=results)
+
+
+def publish_table(table: list[dict[str, Any]], *, key: str, description: str) -> None:
+    """A table artifact and the same line in the run's log (no patient data in either:
+    callers pass only the columns that may be shown)."""
+    create_table_artifact(key=key, table=table, description=description)
+    get_run_logger().info(description)
