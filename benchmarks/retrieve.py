@@ -31,8 +31,8 @@ from pathlib import Path
 from adit_tasks.core.association import Connection
 from adit_tasks.core.config import RetrieveMethod, Settings
 from adit_tasks.core.find import manifest
-from adit_tasks.core.receiver import shared_receiver
-from adit_tasks.core.retrieve import retrieve_study
+from adit_tasks.core.receiver import Receiver, open_receiver
+from adit_tasks.core.retrieve import make_retriever
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, write_study
 
@@ -80,12 +80,11 @@ class Result:
 
 
 def adit_run(settings: Settings, node: str, study_uid: str, method: RetrieveMethod,
-             sop_classes: set[str] | None, out: Path) -> tuple[int, int]:
+             sop_classes: set[str] | None, out: Path, receiver: Receiver) -> tuple[int, int]:
     """Retrieve the study with ADIT, writing each instance to ``out``; (files, bytes)."""
-    conn = Connection(settings.server(node), ADIT_AE)
+    retriever = make_retriever(Connection(settings.server(node), ADIT_AE), method, receiver)
     count = nbytes = 0
-    with retrieve_study(settings, conn, study_uid, method=method,
-                        sop_classes=sop_classes) as stream:
+    with retriever.retrieve(study_uid, (), frozenset(sop_classes or ())) as stream:
         for instance in stream:
             (out / f"{instance.sop_instance_uid}.dcm").write_bytes(instance.data)
             count += 1
@@ -250,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         dcmqr = DcmqrscpServer(root / "dcmqrscp", ae_title="DCMQR", peers=peers)
         stack.callback(orthanc.stop)
         stack.callback(dcmqr.stop)
-        # the in-process C-MOVE receiver (started by the first ADIT C-MOVE)
-        stack.callback(lambda: shared_receiver(ADIT_AE, LOOPBACK, receiver_port).stop())
+        # the in-process C-MOVE receiver, as a job would open it
+        receiver = stack.enter_context(open_receiver(ADIT_AE, LOOPBACK, receiver_port))
         orthanc.start()
         dcmqr.start()
         loaded = orthanc.upload(paths), dcmqr.load(paths)
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in target.methods:
                 def adit(out: Path, t: Target = target, m: RetrieveMethod = method,
                          classes: set[str] | None = sop_classes) -> tuple[int, int]:
-                    return adit_run(settings, t.name, study_uid, m, classes, out)
+                    return adit_run(settings, t.name, study_uid, m, classes, out, receiver)
 
                 label = f"ADIT {method.upper()}"
                 results.append(measure(Result(target.name, label, families[method], "ADIT"),

@@ -45,10 +45,13 @@ from pydicom import dcmread, dcmwrite
 from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
 from adit_tasks.core.config import Settings
+from adit_tasks.core.get import CGet
 from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
 from adit_tasks.core.pseudonymize import Pseudonymizer
-from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, series_folder
-from adit_tasks.core.transfer import Pseudonymization, transfer_study
+from adit_tasks.core.results import StudyJob
+from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, Sink, series_folder
+from adit_tasks.core.transfer import transfer_study
 from adit_tasks.lab.servers import OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, write_study
 
@@ -136,8 +139,13 @@ def count_files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".part"))
 
 
-def pseudo() -> Pseudonymization:
-    return Pseudonymization(Pseudonymizer(SECRET))
+def adit_transfer(lab: Lab, sink: Sink, pseudonymize: bool) -> None:
+    """transfer_study by C-GET with a plan built as a run's edge would (no Prefect)."""
+    conn = lab.conn("source")
+    plan = TransferPlan(source=conn, retriever=CGet(conn), sink=sink, destination=None,
+                        pseudonymizer=Pseudonymizer(SECRET) if pseudonymize else None,
+                        gate=Gate.of(conn.node), retry=RetryPolicy(0, 0.0))
+    transfer_study(plan, StudyJob(lab.study_uid))
 
 
 def adit_folder(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count]:
@@ -146,8 +154,7 @@ def adit_folder(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count]:
 
     def run(out: object) -> None:
         assert isinstance(out, Path)
-        transfer_study(lab.settings, lab.conn("source"), FolderSink(out), lab.study_uid,
-                       pseudonymization=pseudo() if pseudonymize else None, method="c-get")
+        adit_transfer(lab, FolderSink(out), pseudonymize)
 
     return prepare, run, lambda out: count_files(out)  # type: ignore[arg-type]
 
@@ -157,9 +164,7 @@ def adit_pacs(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count]:
         lab.dest.clear()
 
     def run(_: object) -> None:
-        transfer_study(lab.settings, lab.conn("source"), ServerSink(lab.conn("dest")),
-                       lab.study_uid, pseudonymization=pseudo() if pseudonymize else None,
-                       method="c-get")
+        adit_transfer(lab, ServerSink(lab.conn("dest")), pseudonymize)
 
     return prepare, run, lambda _: lab.dest.instance_count()
 
@@ -171,8 +176,7 @@ def adit_archive(lab: Lab, compress: bool) -> tuple[Prepare, Run, Count]:
     def run(path: object) -> None:
         assert isinstance(path, Path)
         writer = ArchiveWriter(path, ARCHIVE_PASSWORD, compress=compress)
-        transfer_study(lab.settings, lab.conn("source"), ArchiveSink(writer), lab.study_uid,
-                       pseudonymization=pseudo(), method="c-get")
+        adit_transfer(lab, ArchiveSink(writer), pseudonymize=True)
         writer.finish()
 
     def count(path: object) -> int:
@@ -281,8 +285,7 @@ def profile_pseudonymized_folder(lab: Lab, top: int = 15) -> None:
     out = lab.fresh_dir("profile")
     start = time.perf_counter()
     with profiled_threads() as (main, threads):
-        transfer_study(lab.settings, lab.conn("source"), FolderSink(out), lab.study_uid,
-                       pseudonymization=pseudo(), method="c-get")
+        adit_transfer(lab, FolderSink(out), pseudonymize=True)
     wall = time.perf_counter() - start
     ok = count_files(out)
     stats = pstats.Stats(main)

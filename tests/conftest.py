@@ -7,6 +7,7 @@ patients and pydicom's sample files in several transfer syntaxes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from adit_tasks.core.association import Connection
-from adit_tasks.core.config import Settings, load_settings
+from adit_tasks.core.config import RetrieveMethod, Settings, load_settings
+from adit_tasks.core.receiver import open_receiver
+from adit_tasks.core.retrieve import Retriever, make_retriever
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import (
     SeriesSpec,
@@ -70,6 +73,17 @@ class Lab:
     def connection(self, name: str, settings: Settings | None = None) -> Connection:
         settings = settings or self.settings()
         return Connection(settings.server(name), settings.ae_title)
+
+    @contextlib.contextmanager
+    def retriever(self, name: str, method: RetrieveMethod,
+                  settings: Settings | None = None) -> Iterator[Retriever]:
+        """A retriever of the node by `method`; for C-MOVE with a receiver for the block."""
+        settings = settings or self.settings()
+        with contextlib.ExitStack() as stack:
+            receiver = stack.enter_context(open_receiver(
+                settings.ae_title, settings.receiver_host, settings.receiver_port,
+            )) if method == "c-move" else None
+            yield make_retriever(self.connection(name, settings), method, receiver)
 
 
 def write_nodes_file(path: Path, receiver_port: int, o1: OrthancServer, o2: OrthancServer,

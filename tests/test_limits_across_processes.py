@@ -11,7 +11,7 @@ import pytest
 
 from adit_tasks.core.config import Settings
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
-from adit_tasks.tasks import ensure_node_limits
+from adit_tasks.limits import ensure_node_limits
 from tests.scp import MisbehavingSCP
 
 RETRIEVE = textwrap.dedent("""
@@ -19,9 +19,9 @@ RETRIEVE = textwrap.dedent("""
     from adit_tasks.core.association import Connection
     from adit_tasks.core.config import ServerNode
     from adit_tasks.core.get import get_study
-    from adit_tasks.tasks import prefect_slot
+    from adit_tasks.limits import association_slot
     node = ServerNode.model_validate_json(sys.argv[1])
-    conn = Connection(node, "ADIT", slot=prefect_slot)
+    conn = Connection(node, "ADIT", slot=association_slot)
     print(sum(1 for _ in get_study(conn, sys.argv[2])))
 """)
 
@@ -35,7 +35,7 @@ def test_two_worker_processes_share_one_limit(prefect_server, limit) -> None:
         settings = Settings(nodes=[{"name": f"limited{limit}", "ae_title": scp.ae_title,
                                     "host": "127.0.0.1", "port": scp.port,
                                     "max_associations": limit, "timeout": 30}])
-        ensure_node_limits(settings)
+        ensure_node_limits(settings.servers)
         node_json = settings.servers[0].model_dump_json()
         env = {**os.environ, "PREFECT_API_URL": prefect_server}
         workers = [subprocess.Popen([sys.executable, "-c", RETRIEVE, node_json, spec.study_uid],

@@ -7,6 +7,7 @@ import pytest
 from adit_tasks.core import find
 from adit_tasks.core.errors import InvalidInput
 from adit_tasks.core.find import Level, Query
+from adit_tasks.core.options import StudySearch
 
 SERVERS = ["orthanc1", "dcmqrscp"]
 
@@ -101,25 +102,17 @@ def test_patient_root_study_query(lab) -> None:
     assert [s.StudyInstanceUID for s in studies] == [lab.ct.study_uid]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("20240102", ("20240102", "20240102")),
-    ("2024-01-02", ("20240102", "20240102")),
-    ("20240101-20240131", ("20240101", "20240131")),
-    ("2024-01-01-2024-01-31", ("20240101", "20240131")),
-    ("20240101-", ("20240101", "")),
-    ("-20240131", ("", "20240131")),
-])
-def test_date_ranges(text, expected) -> None:
-    assert find.parse_date_range(text) == expected
-
-
-@pytest.mark.parametrize("text", ["2024-13", "yesterday", "20240131-20240101", "2024011"])
-def test_bad_dates_are_invalid_input(text) -> None:
-    with pytest.raises(InvalidInput):
-        find.parse_date_range(text)
-
-
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_invalid_uid_is_rejected_before_any_network() -> None:
+def test_invalid_uid_is_rejected_at_the_edge_before_any_network(prefect_server,
+                                                                tmp_path) -> None:
+    """The flow checks UIDs where they enter; the node is never asked (it does not exist:
+    asking it would be an AssociationError, not InvalidInput)."""
+    from flows.transfer import transfer_flow
+
+    nowhere = tmp_path / "nodes.yaml"
+    nowhere.write_text("nodes:\n  - {name: pacs, ae_title: X, host: 127.0.0.1, port: 9}\n"
+                       "  - {name: out, path: out}\n")
     with pytest.raises(InvalidInput, match="StudyInstanceUID"):
-        find.manifest(None, "1.2.3.abc")  # type: ignore[arg-type]
+        transfer_flow("pacs", "out", ["1.2.3.abc"], nodes_file=str(nowhere))
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        StudySearch(study_uid="1.2.3.abc")

@@ -10,7 +10,6 @@ import pytest
 
 from adit_tasks.core import find
 from adit_tasks.core.errors import StudyNotFound
-from adit_tasks.core.retrieve import retrieve_study
 from adit_tasks.core.store import store_instances
 from tests.conftest import read_pixels
 
@@ -29,22 +28,19 @@ def _originals(lab) -> dict[str, str]:
 
 @pytest.mark.parametrize("server,method", CASES)
 def test_study_arrives_complete_with_identical_pixels(lab, server, method) -> None:
-    settings = lab.settings()
-    conn = lab.connection(server, settings)
-    manifest = find.manifest(conn, lab.ct.study_uid)
+    manifest = find.manifest(lab.connection(server), lab.ct.study_uid)
     received = {}
-    for instance in retrieve_study(settings, conn, lab.ct.study_uid, method=method,
-                                   sop_classes=manifest.sop_classes):
-        assert instance.study_uid == lab.ct.study_uid
-        received[instance.sop_instance_uid] = hashlib.sha256(
-            read_pixels(instance.data)).hexdigest()
+    with lab.retriever(server, method) as retriever:
+        for instance in retriever.retrieve(lab.ct.study_uid, (),
+                                           frozenset(manifest.sop_classes)):
+            assert instance.study_uid == lab.ct.study_uid
+            received[instance.sop_instance_uid] = hashlib.sha256(
+                read_pixels(instance.data)).hexdigest()
     assert received == _originals(lab)
 
 
 @pytest.mark.parametrize("server", ["orthanc1", "dcmqrscp"])
 def test_two_c_moves_at_once_to_one_receiver(lab, server) -> None:
-    settings = lab.settings()
-    conn = lab.connection(server, settings)
     studies = [lab.ct.study_uid, lab.demo[0].study_uid]
     errors: list[BaseException] = []
     counts: dict[str, int] = {}
@@ -52,33 +48,33 @@ def test_two_c_moves_at_once_to_one_receiver(lab, server) -> None:
     def run_counting(uid: str) -> None:
         try:
             n = 0
-            for inst in retrieve_study(settings, conn, uid, method="c-move"):
+            for inst in retriever.retrieve(uid):
                 assert inst.study_uid == uid  # never another retrieval's instance
                 n += 1
             counts[uid] = n
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run_counting, args=(uid,)) for uid in studies]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    with lab.retriever(server, "c-move") as retriever:
+        threads = [threading.Thread(target=run_counting, args=(uid,)) for uid in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
     assert not errors, errors
     assert counts == {lab.ct.study_uid: 150, lab.demo[0].study_uid: lab.demo[0].instance_count}
 
 
 @pytest.mark.parametrize("method", ["c-get", "c-move", "wado-rs"])
 def test_compressed_samples_arrive_byte_for_byte(lab, method) -> None:
-    settings = lab.settings()
-    conn = lab.connection("orthanc1", settings)
+    conn = lab.connection("orthanc1")
     for path in lab.samples:
         original = pydicom.dcmread(path)
         uid = original.StudyInstanceUID
         manifest = find.manifest(conn, uid)
-        got = [i for i in retrieve_study(settings, conn, uid, method=method,
-                                         sop_classes=manifest.sop_classes)
-               if i.sop_instance_uid == original.SOPInstanceUID]
+        with lab.retriever("orthanc1", method) as retriever:
+            got = [i for i in retriever.retrieve(uid, (), frozenset(manifest.sop_classes))
+                   if i.sop_instance_uid == original.SOPInstanceUID]
         assert len(got) == 1, path.name
         instance = got[0]
         assert instance.transfer_syntax_uid == original.file_meta.TransferSyntaxUID, path.name
@@ -86,41 +82,39 @@ def test_compressed_samples_arrive_byte_for_byte(lab, method) -> None:
 
 
 def test_selected_series_only(lab) -> None:
-    settings = lab.settings()
     spec = max(lab.demo, key=lambda s: len(s.series))
     wanted = spec.series_uid(spec.series[0])
     for method in ("c-get", "c-move", "wado-rs"):
-        got = list(retrieve_study(settings, lab.connection("orthanc1", settings),
-                                  spec.study_uid, [wanted], method=method))
+        with lab.retriever("orthanc1", method) as retriever:
+            got = list(retriever.retrieve(spec.study_uid, (wanted,)))
         assert {i.series_uid for i in got} == {wanted}, method
         assert len(got) == spec.series[0].instances, method
 
 
 @pytest.mark.parametrize("method", ["c-get", "c-move", "wado-rs"])
 def test_unknown_study_is_a_permanent_error(lab, method) -> None:
-    settings = lab.settings()
-    with pytest.raises(StudyNotFound):
-        list(retrieve_study(settings, lab.connection("orthanc1", settings), "1.2.3.4.5.6.7",
-                            method=method))
+    with lab.retriever("orthanc1", method) as retriever, pytest.raises(StudyNotFound):
+        list(retriever.retrieve("1.2.3.4.5.6.7"))
 
 
 def test_c_store_to_second_orthanc_lands_every_instance(lab) -> None:
-    settings = lab.settings()
-    source = lab.connection("orthanc1", settings)
-    dest = lab.connection("orthanc2", settings)
+    source = lab.connection("orthanc1")
+    dest = lab.connection("orthanc2")
     uids = [lab.ct.study_uid] + [
         pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in lab.samples]
-    for uid in dict.fromkeys(uids):
-        result = store_instances(dest, retrieve_study(settings, source, uid, method="c-get"))
-        assert result.ok, result.failed
-        expected = find.manifest(source, uid)
-        landed = find.manifest(dest, uid)
-        assert set(landed.instances) == set(expected.instances)
+    with lab.retriever("orthanc1", "c-get") as from_source:
+        for uid in dict.fromkeys(uids):
+            result = store_instances(dest, from_source.retrieve(uid))
+            assert result.ok, result.failed
+            expected = find.manifest(source, uid)
+            landed = find.manifest(dest, uid)
+            assert set(landed.instances) == set(expected.instances)
     # Compressed samples keep their transfer syntax at the destination.
     for path in lab.samples:
         original = pydicom.dcmread(path)
-        stream = retrieve_study(settings, dest, original.StudyInstanceUID, method="c-get",
-                                sop_classes=[original.SOPClassUID])
+        with lab.retriever("orthanc2", "c-get") as from_dest:
+            stream = from_dest.retrieve(original.StudyInstanceUID, (),
+                                        frozenset([original.SOPClassUID]))
         got = next(i for i in stream if i.sop_instance_uid == original.SOPInstanceUID)
         stream.close()
         assert got.transfer_syntax_uid == original.file_meta.TransferSyntaxUID, path.name

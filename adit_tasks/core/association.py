@@ -92,8 +92,8 @@ class Connection:
                                type(failure).__name__)
                 raise failure
             tune_for_throughput(assoc)
-            logger.debug("%s: association opened (%d contexts accepted)", node.name,
-                         len(assoc.accepted_contexts))
+            logger.info("%s: association opened (%d of %d contexts accepted)", node.name,
+                        len(assoc.accepted_contexts), len(contexts))
             try:
                 yield assoc
             except BaseException as exc:
@@ -102,7 +102,7 @@ class Connection:
                 raise
             else:
                 assoc.release()
-                logger.debug("%s: association released", node.name)
+                logger.info("%s: association released", node.name)
 
 
 def tune_for_throughput(assoc: Association) -> None:

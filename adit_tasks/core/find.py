@@ -196,6 +196,7 @@ def find_datasets(conn: Connection, identifier: Dataset, *, patient_root: bool =
         if patient_root
         else StudyRootQueryRetrieveInformationModelFind
     )
+    level = identifier.get("QueryRetrieveLevel", "")
     with conn.associate([build_context(model)]) as assoc:
         count = 0
         msg_id = 1
@@ -207,11 +208,14 @@ def find_datasets(conn: Connection, identifier: Dataset, *, patient_root: bool =
                 yield result
                 if limit and count >= limit:
                     assoc.send_c_cancel(msg_id, query_model=model)
+                    logger.info("%s: C-FIND %s cancelled after %d results", conn.node.name,
+                                level, count)
                     # Drain what the server still sends until its final response.
                     for status, _ in responses:
                         if status is None or status.get("Status", 0) not in (0xFF00, 0xFF01):
                             break
                     return
+        logger.debug("%s: C-FIND %s: %d results", conn.node.name, level, count)
 
 
 def _text(ds: Dataset, key: str) -> str:

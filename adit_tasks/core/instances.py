@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import io
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -27,8 +26,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import StoragePresentationContexts
-
-logger = logging.getLogger(__name__)
 
 # Uncompressed first (what most PACS store), then every compressed syntax pydicom knows, so
 # a PACS can send an instance in the syntax it is stored in.

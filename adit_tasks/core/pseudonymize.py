@@ -474,16 +474,10 @@ def _scrub(value: object, identifiers: re.Pattern[str] | None) -> object:
     return re.sub(r"\s{2,}", " ", text).strip(" ,;:^")
 
 
-def pseudonymized_uid_map(pseudonymizer: Pseudonymizer, uids: Iterable[str]) -> dict[str, str]:
-    """Original -> pseudonymized UID, to know what a destination should hold before sending."""
-    return {uid: pseudonymizer.uid(uid) for uid in uids}
-
-
 __all__ = [
     "BurnedInAnnotation",
     "PseudonymizationOptions",
     "Pseudonymizer",
     "Tag",
     "profile_table",
-    "pseudonymized_uid_map",
 ]

@@ -107,6 +107,7 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
     outcome = StudyOutcome("success", expected=len(expected), transferred=0,
                            pseudonym=pseudonym, destination_study_uid=target.study_uid)
     if present == wanted:
+        logger.info("study already complete at the destination (%d instances)", len(present))
         outcome.skipped = len(present)
         outcome.message = "already complete at the destination"
         return outcome
@@ -133,6 +134,9 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
             + refused, expected=len(wanted), received=len(wanted) - len(missing))
     outcome.transferred = len(result.stored)
     outcome.skipped = len(present) + len(counts.burned_in)
+    logger.info("study complete at the destination: %d sent, %d already there, %d withheld "
+                "(burned-in annotation)", outcome.transferred, len(present),
+                len(counts.burned_in))
     if counts.burned_in:
         outcome.status = "warning"
         outcome.message = (f"{len(counts.burned_in)} instance(s) flagged with burned-in "
