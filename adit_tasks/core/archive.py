@@ -16,6 +16,7 @@ from pathlib import Path
 import py7zr
 
 from adit_tasks.core.errors import PermanentError
+from adit_tasks.core.folder import sync_folders
 
 COPY_AES = [{"id": py7zr.FILTER_COPY}, {"id": py7zr.FILTER_CRYPTO_AES256_SHA256}]
 LZMA_AES = [{"id": py7zr.FILTER_LZMA2, "preset": 1},
@@ -56,7 +57,10 @@ class ArchiveWriter:
         with self._lock:
             self._archive.close()
             self._closed = True
+            with open(self.partial, "rb") as f:
+                os.fsync(f.fileno())  # every byte on disk before the name says "complete"
             os.replace(self.partial, self.path)
+            sync_folders([self.path.parent])
         return self.path
 
     def abandon(self) -> None:

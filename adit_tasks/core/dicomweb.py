@@ -12,17 +12,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import httpx
+from pydicom.config import IGNORE
+from pydicom.uid import UID
 
 from adit_tasks.core.association import Connection, SlotFactory, local_slot
 from adit_tasks.core.config import ServerNode
 from adit_tasks.core.errors import (
     AssociationError,
     DimseTimeout,
+    InvalidInstance,
     NotSupported,
     OperationFailed,
     StudyNotFound,
 )
-from adit_tasks.core.instances import DicomInstance, InstanceStream
+from adit_tasks.core.instances import DicomInstance, InstanceStream, Rejected
 from adit_tasks.core.status import check_http_status
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,17 @@ class WadoRs:
         return wado_study(self.conn.node, study_uid, series_uids, slot=self.conn.slot)
 
 
+def _checked(body: bytes, study_uid: str, series: list[str]) -> DicomInstance | Rejected:
+    """One multipart part as an instance of the study (and series) asked for, or Rejected."""
+    try:
+        instance = DicomInstance.from_bytes(body)
+    except InvalidInstance as exc:
+        return Rejected(str(exc))
+    if instance.study_uid != study_uid or (series and instance.series_uid not in series):
+        return Rejected("an instance of another study or series than the one asked for")
+    return instance
+
+
 def wado_study(
     node: ServerNode,
     study_uid: str,
@@ -98,7 +112,7 @@ def wado_study(
                             check_http_status(node, response.status_code, "WADO-RS study")
                             boundary = _boundary(response.headers.get("content-type", ""))
                             for body in iter_multipart(response.iter_bytes(1 << 20), boundary):
-                                put(DicomInstance.from_bytes(body))
+                                put(_checked(body, study_uid, series))
                                 received += 1
                     except httpx.TimeoutException as exc:
                         raise DimseTimeout(f"{node.name}: WADO-RS timed out") from exc
@@ -132,7 +146,13 @@ def qido_instance_uids(node: ServerNode, study_uid: str, *, slot: SlotFactory = 
     if response.status_code in (204, 404):
         return set()
     check_http_status(node, response.status_code, "QIDO-RS instances")
-    return {item["00080018"]["Value"][0] for item in response.json() if "00080018" in item}
+    try:
+        body = response.json()
+    except ValueError:
+        raise OperationFailed(f"{node.name}: QIDO-RS answer is not JSON") from None
+    if not isinstance(body, list):
+        raise OperationFailed(f"{node.name}: QIDO-RS answer is not a list of instances")
+    return _json_uids(body, "00080018")
 
 
 STOW_BATCH_BYTES = 64 * 1024 * 1024  # per request: bounded memory, few round trips
@@ -189,5 +209,19 @@ def _stow_failures(response: httpx.Response) -> set[str]:
         body = response.json()
     except ValueError:
         return set()
-    failed = body.get("00081198", {}).get("Value", []) if isinstance(body, dict) else []
-    return {item.get("00081155", {}).get("Value", [""])[0] for item in failed}
+    failed = body.get("00081198") if isinstance(body, dict) else None
+    items = failed.get("Value") if isinstance(failed, dict) else None
+    return _json_uids(items if isinstance(items, list) else [], "00081155")
+
+
+def _json_uids(items: list[object], tag: str) -> set[str]:
+    """The well-formed UIDs of one attribute in DICOM JSON items (PS3.18 F.2); malformed
+    entries are left out, so a hostile answer cannot put a value into a path or a query."""
+    uids = set()
+    for item in items:
+        element = item.get(tag) if isinstance(item, dict) else None
+        values = element.get("Value") if isinstance(element, dict) else None
+        value = values[0] if isinstance(values, list) and values else None
+        if isinstance(value, str) and UID(value, validation_mode=IGNORE).is_valid:
+            uids.add(value)
+    return uids

@@ -61,8 +61,27 @@ class NotSupported(PermanentError):
     """The node does not offer the operation asked for (for example C-MOVE on a C-GET-only PACS)."""
 
 
-class InvalidInput(PermanentError):
-    """A request that can never succeed: invalid UID, bad date, malformed query."""
+class InvalidInput(PermanentError, ValueError):
+    """A request that can never succeed: invalid UID, bad date, malformed query. A ValueError
+    too, so pydantic models that check user input report it as a validation error."""
+
+
+class InvalidInstance(PermanentError):
+    """An instance a peer sent fails the arrival checks (adit_tasks.core.instances)."""
+
+
+class InvalidData(PermanentError):
+    """A retrieval delivered instances that were put aside (their reasons, never values)."""
+
+
+class DestinationRefused(PermanentError):
+    """The destination server refused instances for a reason that retrying will not change
+    (e.g. 0xA9xx 'data set does not match SOP class', 0xCxxx); the reasons are in the
+    message."""
+
+
+class DestinationUnwritable(PermanentError):
+    """The destination folder cannot take the data: disk full, no permission, read-only."""
 
 
 class StudyNotFound(PermanentError):

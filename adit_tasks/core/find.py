@@ -21,7 +21,6 @@ from enum import StrEnum
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.uid import UID
 from pynetdicom import build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -31,6 +30,7 @@ from pynetdicom.sop_class import (
 
 from adit_tasks.core.association import Connection
 from adit_tasks.core.errors import InvalidInput
+from adit_tasks.core.instances import is_uid, raw_value
 from adit_tasks.core.status import check_status
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _DATE = re.compile(r"^\d{8}$")
 def validate_uid(value: str, what: str = "UID") -> str:
     """The UID itself, or InvalidInput naming what is wrong with it."""
     value = value.strip()
-    if not UID(value).is_valid:
+    if not is_uid(value):
         raise InvalidInput(f"invalid {what} '{value}' (digits and dots, at most 64 characters)")
     return value
 
@@ -227,8 +227,14 @@ def _text(ds: Dataset, key: str) -> str:
     return str(value).strip()
 
 
+def _uid(ds: Dataset, key: str) -> str:
+    """A UID from a peer's answer, '' when missing or malformed (never used as sent)."""
+    value = raw_value(ds, key)
+    return value if value and is_uid(value) else ""
+
+
 def _int(ds: Dataset, key: str) -> int | None:
-    text = _text(ds, key)
+    text = raw_value(ds, key)  # read raw: pydicom's warning about a bad IS prints the value
     try:
         return int(text) if text else None
     except ValueError:
@@ -277,9 +283,11 @@ def find_studies(conn: Connection, query: Query) -> list[Study]:
             StudyDescription=_text(ds, "StudyDescription"),
             AccessionNumber=_text(ds, "AccessionNumber"),
             NumberOfStudyRelatedInstances=_int(ds, "NumberOfStudyRelatedInstances"),
-            StudyInstanceUID=_text(ds, "StudyInstanceUID"),
+            StudyInstanceUID=_uid(ds, "StudyInstanceUID"),
         )
         if not study.StudyInstanceUID:
+            logger.warning("%s: a C-FIND result without a valid StudyInstanceUID was left out",
+                           conn.node.name)
             continue
         if not study.ModalitiesInStudy or study.NumberOfStudyRelatedInstances is None:
             study = _complete_study(conn, study)
@@ -349,12 +357,16 @@ def find_series(conn: Connection, query: Query, *, parent: Study | None = None) 
         for ds in find_datasets(conn, _identifier(sub, Level.SERIES)):
             series = Series(
                 **as_row(study),
-                SeriesInstanceUID=_text(ds, "SeriesInstanceUID"),
-                SeriesNumber=_text(ds, "SeriesNumber"),
+                SeriesInstanceUID=_uid(ds, "SeriesInstanceUID"),
+                SeriesNumber=raw_value(ds, "SeriesNumber"),
                 SeriesDescription=_text(ds, "SeriesDescription"),
                 Modality=_text(ds, "Modality"),
                 NumberOfSeriesRelatedInstances=_int(ds, "NumberOfSeriesRelatedInstances"),
             )
+            if not series.SeriesInstanceUID:
+                logger.warning("%s: a C-FIND result without a valid SeriesInstanceUID was "
+                               "left out", conn.node.name)
+                continue
             if _series_matches(sub, series):
                 results.append(series)
                 if query.limit and len(results) >= query.limit:
@@ -383,13 +395,18 @@ def find_instances(conn: Connection, study_uid: str, series_uid: str = "") -> It
     """Image-level C-FIND (study root) of one study or series."""
     query = Query(level=Level.IMAGE, study_uid=study_uid, series_uid=series_uid)
     for ds in find_datasets(conn, _identifier(query, Level.IMAGE)):
-        yield Instance(
-            StudyInstanceUID=_text(ds, "StudyInstanceUID") or study_uid,
-            SeriesInstanceUID=_text(ds, "SeriesInstanceUID"),
-            SOPInstanceUID=_text(ds, "SOPInstanceUID"),
-            SOPClassUID=_text(ds, "SOPClassUID"),
-            InstanceNumber=_text(ds, "InstanceNumber"),
+        instance = Instance(
+            StudyInstanceUID=_uid(ds, "StudyInstanceUID") or study_uid,
+            SeriesInstanceUID=_uid(ds, "SeriesInstanceUID"),
+            SOPInstanceUID=_uid(ds, "SOPInstanceUID"),
+            SOPClassUID=_uid(ds, "SOPClassUID"),
+            InstanceNumber=raw_value(ds, "InstanceNumber"),
         )
+        if instance.SOPInstanceUID and instance.StudyInstanceUID == study_uid:
+            yield instance
+        else:
+            logger.warning("%s: an image-level C-FIND result with a missing or malformed "
+                           "UID, or of another study, was left out", conn.node.name)
 
 
 @dataclass

@@ -3,6 +3,12 @@
 An instance is the DICOM Part 10 file exactly as the PACS sent it (preamble, file meta with
 the transfer syntax it was sent in, then the data set bytes untouched). Nothing is transcoded.
 
+`DicomInstance.from_bytes` is the boundary for instances a peer sends (C-GET, C-MOVE,
+WADO-RS): an instance is only made from bytes that parse, whose UIDs are well-formed (digits
+and dots, at most 64 characters: PS3.5 9.1, so they are safe as file names) and whose native
+pixel data is as long as its header says. Anything else raises `InvalidInstance` with a reason
+that names the attribute, never its value; the retrieval puts it aside as `Rejected`.
+
 Retrievals run the network side in a background thread and hand instances over through a
 bounded queue: the consumer pulls one instance at a time, and a slow consumer makes the PACS
 wait (its next C-STORE is not answered yet) instead of filling memory.
@@ -19,6 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pydicom import Dataset, dcmread
+from pydicom import config as pydicom_config
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import (
     UID,
     AllTransferSyntaxes,
@@ -26,6 +34,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import StoragePresentationContexts
+
+from adit_tasks.core.errors import InvalidInstance
 
 # Uncompressed first (what most PACS store), then every compressed syntax pydicom knows, so
 # a PACS can send an instance in the syntax it is stored in.
@@ -54,22 +64,32 @@ class DicomInstance:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DicomInstance:
-        """Parse just enough of a Part 10 file to know what it is."""
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
-        return cls.from_dataset_header(data, ds)
+        """Check a Part 10 file a peer sent (see the module docstring) and read what it is;
+        InvalidInstance naming the attribute that fails."""
+        try:
+            # Large values stay unread (defer_size): their lengths are all the check needs.
+            ds = dcmread(io.BytesIO(data), defer_size=1024, force=False)
+        except Exception:
+            raise InvalidInstance("not a DICOM Part 10 file (does not parse)") from None
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+            raise InvalidInstance("file meta has no TransferSyntaxUID")
+        instance = cls.from_dataset_header(data, ds)
+        _check_pixel_length(ds, instance.transfer_syntax)
+        return instance
 
     @classmethod
     def from_dataset_header(cls, data: bytes, ds: Dataset) -> DicomInstance:
+        """The instance of a parsed header; InvalidInstance if a UID is missing or malformed."""
         return cls(
             data=data,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            study_uid=str(ds.get("StudyInstanceUID", "")),
-            series_uid=str(ds.get("SeriesInstanceUID", "")),
-            series_number=str(ds.get("SeriesNumber", "") or ""),
-            modality=str(ds.get("Modality", "") or ""),
-            series_description=str(ds.get("SeriesDescription", "") or ""),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            transfer_syntax_uid=_uid(ds.file_meta, "TransferSyntaxUID"),
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            series_number=_text(ds, "SeriesNumber"),
+            modality=_text(ds, "Modality"),
+            series_description=_text(ds, "SeriesDescription"),
         )
 
     @cached_property
@@ -82,16 +102,76 @@ class DicomInstance:
         return UID(self.transfer_syntax_uid)
 
 
+def raw_value(ds: Dataset, keyword: str) -> str:
+    """A short ASCII value as sent, read from the raw element: pydicom's value validation
+    is not run, because its warnings would print the value (patient data in logs)."""
+    elem = ds.get_item(tag_for_keyword(keyword))
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    text = value.decode("ascii", "ignore") if isinstance(value, bytes) else str(value)
+    return text.strip(" \0")
+
+
+def is_uid(value: str) -> bool:
+    """Digits and dots, no leading zeros, at most 64 characters (PS3.5 9.1)."""
+    return UID(value, validation_mode=pydicom_config.IGNORE).is_valid
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = raw_value(ds, keyword)
+    if not value:
+        raise InvalidInstance(f"{keyword} missing")
+    if not is_uid(value):
+        raise InvalidInstance(f"{keyword} is not a valid UID (digits and dots, at most "
+                              "64 characters)")
+    return value
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return raw_value(ds, keyword)
+
+
+def _check_pixel_length(ds: Dataset, syntax: UID) -> None:
+    """Native (uncompressed) pixel data must hold every frame the header announces."""
+    if "PixelData" not in ds or syntax.is_compressed:
+        return
+    elem = ds.get_item("PixelData")
+    length = getattr(elem, "length", None)
+    if length is None:
+        length = len(elem.value or b"")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidInstance("image pixel attributes (Rows, Columns, BitsAllocated) missing "
+                              "or not numbers") from None
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if length < expected:
+        raise InvalidInstance(f"PixelData holds {length} bytes, the header announces "
+                              f"{expected}")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An instance a retrieval received but put aside, and why (never its values)."""
+
+    reason: str
+
+
 _DONE = object()
 
 
 class InstanceStream:
     """Iterator over instances produced by a background thread, with bounded buffering.
 
-    `producer(put)` runs in a thread and calls `put(instance)` for each instance; it returns
-    when the retrieval is over or raises its error, which the consumer then sees. When the
-    consumer stops early (`close()`, or leaving a `with` block), `put` raises `StreamClosed`
-    in the producer so it can abort its association.
+    `producer(put)` runs in a thread and calls `put(instance)` for each instance (or
+    `put(Rejected(reason))` for one that failed the arrival checks: the consumer does not see
+    those, `rejected` lists their reasons); it returns when the retrieval is over or raises its
+    error, which the consumer then sees. When the consumer stops early (`close()`, or leaving a
+    `with` block), `put` raises `StreamClosed` in the producer so it can abort its association.
     """
 
     def __init__(self, producer: Callable[[Callable[[DicomInstance], None]], None],
@@ -99,6 +179,7 @@ class InstanceStream:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer)
         self._closed = threading.Event()
         self._error: BaseException | None = None
+        self.rejected: list[str] = []
         # The producer runs in the caller's context (Prefect's API settings and run context
         # live in context variables, which a plain new thread would not see).
         context = contextvars.copy_context()
@@ -106,7 +187,7 @@ class InstanceStream:
                                         name=name, daemon=True)
         self._thread.start()
 
-    def _put(self, instance: DicomInstance) -> None:
+    def _put(self, instance: DicomInstance | Rejected) -> None:
         while True:
             if self._closed.is_set():
                 raise StreamClosed("the consumer stopped reading")
@@ -135,16 +216,20 @@ class InstanceStream:
         return self
 
     def __next__(self) -> DicomInstance:
-        if self._closed.is_set():
-            raise StopIteration
-        item = self._queue.get()
-        if item is _DONE:
-            self._closed.set()
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
-            raise StopIteration
-        return item  # type: ignore[return-value]
+        while True:
+            if self._closed.is_set():
+                raise StopIteration
+            item = self._queue.get()
+            if item is _DONE:
+                self._closed.set()
+                self._thread.join()
+                if self._error is not None:
+                    raise self._error
+                raise StopIteration
+            if isinstance(item, Rejected):
+                self.rejected.append(item.reason)
+                continue
+            return item  # type: ignore[return-value]
 
     def close(self) -> None:
         """Stop early: the producer is told to abort, and its thread is waited for."""

@@ -16,7 +16,7 @@ from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
 from adit_tasks.core.dicomweb import qido_instance_uids, stow_instances
 from adit_tasks.core.find import manifest
-from adit_tasks.core.folder import safe_component, write_atomically
+from adit_tasks.core.folder import safe_component, sync_folders, write_atomically
 from adit_tasks.core.instances import DicomInstance
 from adit_tasks.core.store import StoreResult, store_instances
 
@@ -25,8 +25,9 @@ from adit_tasks.core.store import StoreResult, store_instances
 class StudyTarget:
     """A study as the destination will hold it (pseudonymized UIDs and names if so).
 
-    `folder` is the study's relative folder (`<patient>/<study>`) in folder and archive sinks;
-    `pseudonymized` switches series folders to series number + modality (no free text).
+    `folder` is the study's relative folder (`<patient>/<study>`) in folder and archive sinks,
+    stable for the life of the study (a study that grows keeps its folder); `pseudonymized`
+    switches series folders to series number + modality (no free text).
     """
 
     study_uid: str
@@ -82,21 +83,41 @@ class DicomWebSink:
 
 
 class FolderSink:
-    """One file per instance in a readable tree; a file exists only once complete."""
+    """One file per instance in a readable tree; a file exists only once complete and on
+    disk (adit_tasks.core.folder). A file counts as present only if it looks like DICOM."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def present(self, study: StudyTarget) -> set[str]:
         folder = self.root / study.folder
-        return {p.stem for p in folder.glob("*/*.dcm")} if folder.is_dir() else set()
+        if not folder.is_dir():
+            return set()
+        return {p.stem for p in folder.glob("*/*.dcm") if _looks_like_dicom(p)}
 
     def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
         result = StoreResult()
-        for instance in instances:
-            write_atomically(self.root / instance_path(study, instance), instance.data)
-            result.stored.append(instance.sop_instance_uid)
+        folders: set[Path] = set()
+        try:
+            for instance in instances:
+                path = write_atomically(self.root, instance_path(study, instance),
+                                        instance.data, sync_folder=False)
+                folders.add(path.parent)
+                result.stored.append(instance.sop_instance_uid)
+        finally:
+            sync_folders(folders)
         return result
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A Part 10 file: more than a preamble, with the DICM prefix (a zero-byte or cut file
+    left by another tool is not 'present')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
 class ArchiveSink:

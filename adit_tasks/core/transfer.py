@@ -11,15 +11,22 @@ the destination.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from adit_tasks.core.errors import IncompleteRetrieval, StudyNotFound
+from adit_tasks.core.errors import (
+    DestinationRefused,
+    IncompleteRetrieval,
+    InvalidData,
+    StudyNotFound,
+)
 from adit_tasks.core.find import Query, Study, find_studies, manifest
-from adit_tasks.core.folder import safe_component
+from adit_tasks.core.folder import safe_component, unique_component
 from adit_tasks.core.instances import DicomInstance
 from adit_tasks.core.plan import TransferPlan
 from adit_tasks.core.pseudonymize import BurnedInAnnotation, Pseudonymizer
@@ -52,22 +59,28 @@ class Pseudonymization:
 @dataclass
 class _Counts:
     burned_in: set[str] = field(default_factory=set)  # destination UIDs left out
+    unlisted: int = 0  # instances the source's C-FIND did not list
 
 
 def study_target(study: Study, pseudo: Pseudonymization | None) -> tuple[StudyTarget, str]:
-    """Where the study will live at the destination, and the pseudonym used ('' if none)."""
-    modalities = safe_component(study.ModalitiesInStudy.replace(",", "_"), "OT")
+    """Where the study will live at the destination, and the pseudonym used ('' if none).
+
+    The folder name is stable (nothing that changes when a study grows, such as its
+    modalities) and unique (a digest of the StudyInstanceUID, or the new UID when
+    pseudonymizing; identifiers that had to be changed to be safe get a digest too).
+    """
     if pseudo is None:
-        folder = Path(safe_component(study.PatientID, "nopatient")) / "-".join([
+        digest = hashlib.sha256(study.StudyInstanceUID.encode()).hexdigest()[:8]
+        folder = Path(unique_component(study.PatientID, "nopatient")) / "-".join([
             safe_component(study.StudyDate, "nodate"),
-            safe_component(study.StudyTime.split(".")[0], "notime"), modalities])
+            safe_component(study.StudyTime.split(".")[0], "notime"), digest])
         return StudyTarget(study.StudyInstanceUID, folder, pseudonymized=False), ""
     p = pseudo.pseudonymizer
     pseudonym = pseudo.pseudonym or p.pseudonym_for(study.PatientID)
     new_uid = p.uid(study.StudyInstanceUID)
     date = _written_date(study.StudyDate, p, study.PatientID)
-    # Only the pseudonym, the date as written into the data, modalities and new UIDs.
-    folder = Path(safe_component(pseudonym, "pseudonym")) / f"{date}-{modalities}-{new_uid}"
+    # Only the pseudonym, the date as written into the data and the new UID.
+    folder = Path(unique_component(pseudonym, "pseudonym")) / f"{date}-{new_uid}"
     return StudyTarget(new_uid, folder, pseudonymized=True), pseudonym
 
 
@@ -118,39 +131,61 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
     stream = plan.retriever.retrieve(study_uid, series_uids, frozenset(expected.sop_classes))
     with stream:
         try:
-            result = sink.write(target, _prepare(stream, present, pseudonymization,
-                                                 destination_uid, counts))
+            result = sink.write(target, _prepare(stream, set(expected.instances), present,
+                                                 pseudonymization, destination_uid, counts))
         except StudyNotFound as exc:
             # The PACS listed the instances a moment ago: failing to send them is transient.
             raise IncompleteRetrieval(f"{exc}, though C-FIND listed {len(expected)} instances",
                                       expected=len(expected), received=0) from None
-
+    # What arrived is written; now say what went wrong, permanent reasons first.
+    if result.failed:
+        raise DestinationRefused(f"the destination refused {len(result.failed)} instance(s): "
+                                 + _reasons(result.failed.values()))
+    if stream.rejected:
+        raise InvalidData(f"{len(stream.rejected)} instance(s) failed the arrival checks and "
+                          f"were put aside: {_reasons(stream.rejected)}")
     now_present = sink.present(target) & wanted
     missing = wanted - now_present - counts.burned_in
     if missing:
-        refused = f"; {len(result.failed)} refused by the destination" if result.failed else ""
         raise IncompleteRetrieval(
-            f"destination holds {len(wanted) - len(missing)} of {len(wanted)} instances"
-            + refused, expected=len(wanted), received=len(wanted) - len(missing))
+            f"destination holds {len(wanted) - len(missing)} of {len(wanted)} instances",
+            expected=len(wanted), received=len(wanted) - len(missing))
     outcome.transferred = len(result.stored)
     outcome.skipped = len(present) + len(counts.burned_in)
     logger.info("study complete at the destination: %d sent, %d already there, %d withheld "
                 "(burned-in annotation)", outcome.transferred, len(present),
                 len(counts.burned_in))
+    notes = []
     if counts.burned_in:
+        notes.append(f"{len(counts.burned_in)} instance(s) flagged with burned-in annotation "
+                     "were not sent")
+    if counts.unlisted:
+        notes.append(f"{counts.unlisted} instance(s) the source did not list for the study "
+                     "were not sent")
+    if notes:
         outcome.status = "warning"
-        outcome.message = (f"{len(counts.burned_in)} instance(s) flagged with burned-in "
-                           "annotation were not sent")
+        outcome.message = "; ".join(notes)
     elif present:
         outcome.message = f"{len(present)} instance(s) were already at the destination"
     return outcome
 
 
-def _prepare(stream: Iterator[DicomInstance], present: set[str],
+def _reasons(reasons: Iterable[str]) -> str:
+    """'reason (3); other reason (1)': the distinct reasons, most frequent first."""
+    counted = Counter(reasons).most_common()
+    shown = "; ".join(f"{reason} ({n})" for reason, n in counted[:3])
+    return shown + (f"; and {len(counted) - 3} other reason(s)" if len(counted) > 3 else "")
+
+
+def _prepare(stream: Iterator[DicomInstance], listed: set[str], present: set[str],
              pseudonymization: Pseudonymization | None, destination_uid,
              counts: _Counts) -> Iterator[DicomInstance]:
-    """Leave out what the destination has, pseudonymize the rest, set aside burned-in images."""
+    """Leave out what the source did not list and what the destination has, pseudonymize the
+    rest, set aside burned-in images."""
     for instance in stream:
+        if instance.sop_instance_uid not in listed:
+            counts.unlisted += 1  # added to the study since the C-FIND, or not of this study
+            continue
         new_uid = destination_uid(instance.sop_instance_uid)
         if new_uid in present:
             continue
