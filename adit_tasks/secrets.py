@@ -1,9 +1,11 @@
 """The run's secrets, read once at the edge: the pseudonymization key and the archive password.
 
 Each comes from the settings (`ADIT_PSEUDONYM_SECRET` / `ADIT_ARCHIVE_PASSWORD` in the
-environment or `.env`), else from a Prefect Secret block on the server the run reports to.
-Secrets are never flow parameters (Prefect stores and shows those) and never written to the
-environment: the edge passes them into the plan.
+environment or `.env`), else from a Prefect Secret block, but only from a Prefect server that
+the configuration names (`PREFECT_API_URL` in the environment or the Prefect profile): a server
+the CLI merely found answering on 127.0.0.1:4200 is never asked for secrets. Secrets are never
+flow parameters (Prefect stores and shows those) and never written to the environment: the
+edge passes them into the plan.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ logger = logging.getLogger(__name__)
 
 PSEUDONYM_SECRET_BLOCK = "adit-pseudonym-secret"
 ARCHIVE_PASSWORD_BLOCK = "adit-archive-password"
+
+
+def named_server() -> bool:
+    """True when the configuration (environment or profile) names the Prefect server, as
+    opposed to a server found by looking or a temporary one."""
+    from prefect.settings import Settings as PrefectSettings
+
+    return bool(PrefectSettings().api.url)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ def read_secrets(settings: Settings, options: TransferOptions) -> RunSecrets:
 def _secret(value: SecretStr | None, block: str) -> str:
     if value is not None:
         return value.get_secret_value()
+    if not named_server():
+        return ""
     from prefect.blocks.system import Secret
 
     try:

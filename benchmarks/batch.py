@@ -48,9 +48,12 @@ from typing import Any
 import yaml
 
 from adit_tasks.core.association import Connection
-from adit_tasks.core.batch_file import BatchRow, read_batch_file
+from adit_tasks.core.batch import BatchRow, read_batch_file
 from adit_tasks.core.batch_query import query_row
 from adit_tasks.core.config import Settings, load_settings
+from adit_tasks.core.get import CGet
+from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
+from adit_tasks.core.results import StudyJob
 from adit_tasks.core.sinks import ServerSink
 from adit_tasks.core.transfer import transfer_study
 from adit_tasks.lab.servers import OrthancServer
@@ -154,10 +157,12 @@ def plain_queries(conn: Connection, rows: list[BatchRow], threads: int,
 def plain_transfers(settings: Settings, uids: list[str], threads: int) -> int:
     """transfer_study for every study without Prefect; returns the instances transferred."""
     source = Connection(settings.server("source"), ADIT_AE)
-    sink = ServerSink(Connection(settings.server("destination"), ADIT_AE))
+    plan = TransferPlan(source=source, retriever=CGet(source), sink=ServerSink(Connection(
+        settings.server("destination"), ADIT_AE)), destination=settings.server("destination"),
+        pseudonymizer=None, gate=Gate.of(source.node), retry=RetryPolicy(0, 0.0))
 
     def one(uid: str) -> int:
-        return transfer_study(settings, source, sink, uid, method="c-get").transferred
+        return transfer_study(plan, StudyJob(uid)).transferred
 
     if threads == 1:
         return sum(one(uid) for uid in uids)

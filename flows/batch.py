@@ -3,44 +3,37 @@
 The batch is a path to a .csv/.xlsx file or CSV text pasted into the Prefect UI's form. Every
 row is validated before any DICOM work starts; an invalid file fails the run with every
 problem listed by row and column, and nothing is done. Results have one row per input row
-(a query may add rows: one per study or series found) and go to `out` as .csv or .xlsx.
+(a query may add rows: one per study or series found) and go to `out` as .csv or .xlsx
+(`adit_tasks.core.tables`); the run's final state carries them as a list of dicts and is
+Failed when any row failed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import datetime as dt
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_table_artifact,
-)
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.runtime import deployment
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adit_tasks.core.batch_file import BatchRow, read_batch_file, write_results
-from adit_tasks.core.batch_query import query_row
-from adit_tasks.core.config import RetrieveMethod, Settings, load_settings
-from adit_tasks.core.windows import OutsideWindow, sleep_until
-from adit_tasks.leases import node_slots
-from adit_tasks.tasks import connection, ensure_node_limits, window_gate, with_retries
-from flows.options import TransferOptions
-from flows.transfer import Progress, StudyJob, schedule_again, transfer_jobs
+from adit_tasks.core.association import Connection, slot_held_by_caller
+from adit_tasks.core.batch import BatchRow, read_batch_file
+from adit_tasks.core.batch_query import result_row
+from adit_tasks.core.config import RetrieveMethod, load_settings
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.core.plan import Gate, retry_policy
+from adit_tasks.core.results import StudyJob, StudyResult
+from adit_tasks.core.tables import check_table_path, write_table
+from adit_tasks.core.windows import OutsideWindow
+from adit_tasks.limits import ensure_node_limits
+from adit_tasks.runs import Progress, publish_table, run_in_windows, schedule_again, transfer_jobs
+from adit_tasks.tasks import query_rows_task, with_retries
 
 ROWS_PER_TASK = 50  # a task run per chunk keeps orchestration small against the work
 
-
-@task(name="query-rows", cache_policy=NO_CACHE)
-def query_rows_task(settings: Settings, source: str, rows: list[BatchRow], level: str,
-                    window: str = "", urgent: bool = False) -> list[dict[str, Any]]:
-    """Answer a chunk of batch rows; each row's errors become its own 'failure' row."""
-    node = settings.server(source)
-    window_gate(node, window, urgent)
-    conn = connection(settings, node)
-    with node_slots(node):  # one slot for the chunk: its queries run one after the other
-        return [result for row in rows for result in query_row(conn, row, level)]
+Result = dict[str, Any]
 
 
 @flow(name="batch-query", flow_run_name="batch-query-{source}",
@@ -62,46 +55,44 @@ def batch_query_flow(
     Queries run inside the source's transfer window (or `window`) unless `urgent`.
     """
     settings = load_settings(nodes_file)
-    settings.server(source)
-    rows = read_batch_file(_batch_source(batch), "query")
-    ensure_node_limits(settings)
-    task_ = with_retries(query_rows_task, settings)
+    node = settings.server(source)
+    if out:
+        check_table_path(out)
+    rows = read_batch_file(batch, "query")
+    gate = Gate.of(node, window, urgent)
+    conn = Connection(node, settings.ae_title, slot_held_by_caller)  # the task holds the slot
+    ensure_node_limits([node])
+    task = with_retries(query_rows_task, retry_policy(settings))
     chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
     progress = Progress("batch rows answered")
-    answers: dict[int, list[dict[str, Any]]] = {}
-    pending = list(range(len(chunks)))
-    while pending:
-        futures = [task_.with_options(
-            task_run_name=f"rows-{chunks[i][0].row}-{chunks[i][-1].row}").submit(
-            settings, source, chunks[i], level, window, urgent) for i in pending]
-        postponed, opens = [], None
-        for i, future in zip(pending, futures, strict=True):
+    answered = 0
+
+    def run_round(pending: list[list[BatchRow]]) -> list[list[Result] | OutsideWindow]:
+        nonlocal answered
+        futures = [task.with_options(task_run_name=f"rows-{chunk[0].row}-{chunk[-1].row}")
+                   .submit(conn, gate, chunk, level) for chunk in pending]
+        outcomes: list[list[Result] | OutsideWindow] = []
+        for chunk, future in zip(pending, futures, strict=True):
             future.wait()
             answer = future.state.result(raise_on_failure=False)
             if isinstance(answer, OutsideWindow):
-                postponed.append(i)
-                opens = min(opens or answer.opens, answer.opens)
+                outcomes.append(answer)
                 continue
             if isinstance(answer, BaseException):
-                answer = [{"Row": r.row, "Status": "failure", "Message": str(answer),
-                           "Pseudonym": r.pseudonym} for r in chunks[i]]
-            answers[i] = answer
-            progress.update(len(answers), len(chunks))
-            _notify(len(answers) * ROWS_PER_TASK, len(rows))
-        if postponed and deployment.id:
-            for i in postponed:  # a new run at the opening time answers everything again
-                answers[i] = [{"Row": r.row, "Status": "postponed", "Pseudonym": r.pseudonym,
-                               "Message": f"outside the transfer window; opens {opens}"}
-                              for r in chunks[i]]
-            schedule_again(deployment.id, opens)
-            break
-        if postponed:
-            sleep_until(opens)
-        pending = postponed
-    results = [row for i in range(len(chunks)) for row in answers[i]]
-    return _publish(results, out, "batch-query-result", "rows",
-                    ["Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
-                     "NumberOfStudyRelatedInstances"])
+                answer = [result_row(r, level, "failure", str(answer)) for r in chunk]
+            outcomes.append(answer)
+            answered += len(chunk)
+            progress.update(answered, len(rows))
+        return outcomes
+
+    done, postponed, opens = run_in_windows(chunks, run_round, can_wait=not deployment.id)
+    later = _postponed_message(gate.node, opens) if postponed else ""
+    results = [result for i, chunk in enumerate(chunks)
+               for result in (done[i] if i in done else
+                              [result_row(r, level, "postponed", later) for r in chunk])]
+    return _finish(results, out, key="batch-query-result", public=[
+        "Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
+        "NumberOfStudyRelatedInstances"])
 
 
 @flow(name="batch-transfer", flow_run_name="batch-transfer-{source}-to-{destination}",
@@ -123,77 +114,84 @@ def batch_transfer_flow(
     """
     options = options or TransferOptions()
     settings = load_settings(nodes_file)
-    rows = read_batch_file(_batch_source(batch), "transfer")
-    wanted = [r for r in rows if not r.query_status]
-    jobs, job_of_row = _jobs(wanted, options)
-    by_study = transfer_jobs(settings, source, destination, jobs, options, method) if jobs else []
-    results = []
-    for row in rows:
-        result: dict[str, Any] = {"Row": row.row, "PatientID": row.patient_id,
-                                  "StudyInstanceUID": row.study_uid,
-                                  "SeriesInstanceUID": row.series_uid,
-                                  "Pseudonym": row.pseudonym}
-        if row.query_status:
-            result |= {"Status": "skipped", "Instances": 0,
-                       "Message": f"the batch query said: {row.query_status}"}
-        else:
-            study = by_study[job_of_row[row.row]]
-            result |= {"Status": study["status"], "Instances": study.get("transferred", 0),
-                       "Message": study.get("message", ""),
-                       "Pseudonym": study.get("pseudonym") or row.pseudonym,
-                       "DestinationStudyInstanceUID": study.get("destination_study_uid", "")}
-        results.append(result)
+    if out:
+        check_table_path(out)
+    rows = read_batch_file(batch, "transfer")
+    jobs, job_of_row = _jobs([r for r in rows if not r.query_status], options)
+    by_job = transfer_jobs(settings, source, destination, jobs, options, method) if jobs else []
+    results = [_transfer_result(row, by_job[job_of_row[row.row]] if not row.query_status
+                                else None) for row in rows]
     public = ["Row", "Status", "Instances", "Message"] + (
         ["Pseudonym", "DestinationStudyInstanceUID"] if options.pseudonymizing
         else ["PatientID", "StudyInstanceUID"])
-    return _publish(results, out, "batch-transfer-result", "rows", public)
+    return _finish(results, out, key="batch-transfer-result", public=public)
 
 
-def _jobs(rows: list[BatchRow], options: TransferOptions) -> tuple[list[StudyJob], dict]:
-    """One job per study: its rows' series merged (a row without series means all of it)."""
-    order: list[str] = []
-    series: dict[str, set[str] | None] = {}
+def _jobs(rows: list[BatchRow], options: TransferOptions) -> tuple[list[StudyJob],
+                                                                  dict[int, int]]:
+    """One job per study: its rows' series merged (a row without series means all of it);
+    and the index of each row's job, by row number."""
+    series: dict[str, set[str] | None] = {}  # insertion order: the jobs' order
+    index: dict[str, int] = {}
     pseudonym: dict[str, str] = {}
     job_of_row: dict[int, int] = {}
     for row in rows:
         uid = row.study_uid
         if uid not in series:
-            order.append(uid)
-            series[uid] = set()
+            series[uid], index[uid] = set(), len(index)
+        wanted = series[uid]
         if not row.series_uid:
             series[uid] = None  # the whole study
-        elif series[uid] is not None:
-            series[uid].add(row.series_uid)  # type: ignore[union-attr]
+        elif wanted is not None:
+            wanted.add(row.series_uid)
         pseudonym.setdefault(uid, row.pseudonym or options.pseudonym)
-        job_of_row[row.row] = order.index(uid)
-    jobs = [StudyJob(uid, tuple(sorted(series[uid] or ())), pseudonym[uid]) for uid in order]
+        job_of_row[row.row] = index[uid]
+    jobs = [StudyJob(uid, tuple(sorted(s or ())), pseudonym[uid]) for uid, s in series.items()]
     return jobs, job_of_row
 
 
-def _batch_source(batch: str) -> str | Path:
-    """Pasted CSV text stays text; anything else is a path."""
-    return batch if "\n" in batch or "\r" in batch else Path(batch)
+def _transfer_result(row: BatchRow, study: StudyResult | None) -> Result:
+    """One batch transfer result row: the input row and its study's typed result (None: the
+    batch query had found nothing for the row, which is skipped)."""
+    if study is None:
+        status, instances = "skipped", 0
+        message, pseudonym, destination_uid = (
+            f"the batch query said: {row.query_status}", row.pseudonym, "")
+    else:
+        status, instances = study.status, study.transferred
+        message, pseudonym, destination_uid = (
+            study.message, study.pseudonym or row.pseudonym, study.destination_study_uid)
+    return {"Row": row.row, "PatientID": row.patient_id, "StudyInstanceUID": row.study_uid,
+            "SeriesInstanceUID": row.series_uid, "Pseudonym": pseudonym, "Status": status,
+            "Instances": instances, "Message": message,
+            "DestinationStudyInstanceUID": destination_uid}
 
 
-def _notify(done: int, total: int) -> None:
-    from flows import transfer
+def _postponed_message(node: str, opens: dt.datetime | None) -> str:
+    """Why rows were not answered, and when they will be (a deployment run schedules a new
+    run for the opening, which answers the whole file again)."""
+    if opens is None:  # run_in_windows always names the opening with postponed items
+        return f"outside the transfer window of {node}"
+    message = f"outside the transfer window of {node}; it opens at {opens:%Y-%m-%d %H:%M}"
+    if deployment.id:
+        message += f"; the file is answered again in run '{schedule_again(deployment.id, opens)}'"
+    return message
 
-    if transfer.progress_listener:
-        transfer.progress_listener(min(done, total), total)
 
-
-def _publish(results: list[dict[str, Any]], out: str, key: str, what: str,
-             public_columns: list[str]) -> State:
-    """Write the result file, show a table artifact with the non-identifying columns."""
-    logger = get_run_logger()
+def _finish(results: list[Result], out: str, *, key: str, public: list[str]) -> State:
+    """Write the result file, publish the table's non-identifying columns, and end the run:
+    Failed when any row failed, the result rows as its data either way."""
     if out:
-        write_results(results, Path(out))
-        logger.info("results written to %s", out)
-    table = [{c: r.get(c, "") for c in public_columns} for r in results]
-    failed = sum(r.get("Status") == "failure" for r in results)
-    create_table_artifact(key=key, table=table,
-                          description=f"{len(results)} {what}, {failed} failed")
+        write_table(results, out)
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result["Status"]] = counts.get(result["Status"], 0) + 1
+    line = f"{len(results)} rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if out:
+        line += f"; results written to {out}"
+    publish_table([{c: r.get(c, "") for c in public} for r in results], key=key,
+                  description=line)
+    failed = counts.get("failure", 0)
     if failed:
-        return Failed(message=f"{failed} of {len(results)} {what} failed", data=results)
-    return Completed(message=f"{len(results)} {what}", data=results)
-
+        return Failed(message=f"{failed} of {len(results)} rows failed", data=results)
+    return Completed(message=line, data=results)

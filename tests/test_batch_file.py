@@ -1,4 +1,5 @@
-"""Batch files: reading, validation (every problem at once, with row and column), writing."""
+"""Batch files: reading, validation (every problem at once, with row and column), writing
+result tables (CSV cells neutralised against formula injection)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adit_tasks.core.batch_file import (
+from adit_tasks.core.batch import (
     COLUMNS,
     BatchFileError,
     BatchProblem,
     BatchRow,
     read_batch_file,
-    write_results,
 )
 from adit_tasks.core.errors import InvalidInput
+from adit_tasks.core.tables import csv_cell, csv_value, write_table
 from adit_tasks.lab.synthetic import demo_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -167,15 +168,48 @@ def test_unknown_and_duplicate_columns_and_result_columns() -> None:
         "PatientID,Patient Nmae,Foo,patient_id,Status,StudyDate,NumberOfStudyRelatedInstances\n"
         "1,x,y,2,ok,20200101,3\n"
     )
-    assert where(found) == [(1, "Patient Nmae"), (1, "Foo"), (1, "patient_id")]
+    assert where(found) == [(1, "B"), (1, "C"), (1, "D")]
     assert "did you mean PatientName?" in found[0].message
     assert "known columns: PatientID" in found[1].message
-    assert "duplicate" in found[2].message
+    assert "duplicate column: column A is also PatientID" in found[2].message
 
 
 def test_cells_outside_the_header() -> None:
     found = problems("PatientID,AccessionNumber\n1,A,\n2,B,oops\n")
     assert where(found) == [(3, "C")]
+
+
+MARKER = "GEHEIM-4711"  # stands for patient data in a header or beyond it
+
+
+def test_header_and_overflow_cells_show_only_column_and_length() -> None:
+    """A file without a header row has patient data in row 1; a stray delimiter pushes it
+    beyond the header: problems name the column letter and the length, never the value."""
+    found = problems(
+        f"PatientID,{MARKER},,{MARKER}x\n"
+        f"1,,,\n"
+        f"2,,{MARKER},,{MARKER}\n"
+    )
+    assert [str(p) for p in found] == [
+        "row 1, column B: unknown column header <11 characters> (known columns: "
+        + ", ".join(COLUMNS) + ")",
+        "row 1, column C: values under an empty header",
+        "row 1, column D: unknown column header <12 characters> (known columns: "
+        + ", ".join(COLUMNS) + ")",
+        "row 3, column E: a value <11 characters> outside the header's 4 columns "
+        "(a delimiter inside an unquoted cell?)",
+    ]
+    with pytest.raises(BatchFileError) as info:
+        read_batch_file(f"{MARKER},0042,19600101\n{MARKER},0043,19600102\n", "query")
+    assert [(p.row, p.column) for p in info.value.problems] == [
+        (1, "A"), (1, "B"), (1, "C"), (2, "PatientID")]
+    assert MARKER not in str(info.value) and "0042" not in str(info.value)
+
+
+def test_one_column_header_is_not_repeated() -> None:
+    (problem,) = problems(f'"{MARKER},PatientID"\n"1,2"\n')
+    assert problem.row is None and "wrong delimiter" in problem.message
+    assert "row 1" in problem.message and MARKER not in problem.message
 
 
 # --- cells ------------------------------------------------------------------------------------
@@ -345,7 +379,7 @@ RESULT_ROWS: list[dict[str, object]] = [
 @pytest.mark.parametrize("suffix", [".csv", ".xlsx"])
 def test_results_round_trip(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"results{suffix}"
-    write_results(RESULT_ROWS, path)
+    write_table(RESULT_ROWS, path)
     rows = read_batch_file(path, "transfer")
     assert [
         (r.row, r.patient_id, r.patient_name, r.birth_date, r.accession, r.study_uid, r.pseudonym)
@@ -358,7 +392,7 @@ def test_results_round_trip(tmp_path: Path, suffix: str) -> None:
 
 def test_results_csv_is_excel_friendly(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
-    write_results(RESULT_ROWS, path)
+    write_table(RESULT_ROWS, path)
     data = path.read_bytes()
     assert data.startswith(b"\xef\xbb\xbfRow,Status,Message,PatientID,")
     assert "Müller^Björn" in data.decode("utf-8-sig")
@@ -367,7 +401,80 @@ def test_results_csv_is_excel_friendly(tmp_path: Path) -> None:
 
 def test_results_bad_extension(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match=r"csv or \.xlsx"):
-        write_results(RESULT_ROWS, tmp_path / "r.json")
+        write_table(RESULT_ROWS, tmp_path / "r.json")
+
+
+# --- CSV injection: cells a spreadsheet would run as formulas ----------------------------------
+
+#: Values as a PACS or a batch file may send them, each in a column where it is valid.
+HOSTILE: dict[str, str] = {
+    "StudyDescription": '=HYPERLINK("http://evil.example","click")',
+    "PatientName": "+1",
+    "PatientID": "-1+1",
+    "AccessionNumber": "@SUM(1)",
+    "SeriesDescription": "\t=1+1",
+    "Pseudonym": "'=x",  # already apostrophed: one more, so reading back is exact
+}
+HOSTILE_ROW: dict[str, object] = {
+    "Row": 2, "Status": "found", "Message": "-5", "StudyInstanceUID": UID1,
+    "Modality": "CT", "SeriesNumber": "3", **HOSTILE,
+}  # fmt: skip
+
+
+def raw_csv(path_or_text: Path | str) -> list[dict[str, str]]:
+    """The cells as a spreadsheet program gets them (the CSV's text, nothing undone)."""
+    text = (path_or_text.read_text(encoding="utf-8-sig") if isinstance(path_or_text, Path)
+            else path_or_text)
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def test_csv_cells_that_could_run_as_formulas_get_an_apostrophe(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    write_table([HOSTILE_ROW, {**HOSTILE_ROW, "Row": 3, "Message": "normal"}], path)
+    first, second = raw_csv(path)
+    for column, value in HOSTILE.items():
+        assert first[column] == "'" + value, column
+    # Negative numbers too, deliberately (OWASP: any cell starting with = + - @ tab CR).
+    assert first["Message"] == "'-5"
+    # Normal values are unchanged.
+    assert (first["Row"], first["Status"], first["StudyInstanceUID"], first["Modality"],
+            second["Message"]) == ("2", "found", UID1, "CT", "normal")
+    for row in (first, second):
+        for column, cell in row.items():
+            assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), (column, cell)
+
+
+def test_neutralised_csv_reads_back_exactly_and_xlsx_stays_text(tmp_path: Path) -> None:
+    for suffix in (".csv", ".xlsx"):
+        path = tmp_path / f"r{suffix}"
+        write_table([{k: v for k, v in HOSTILE_ROW.items() if k != "SeriesDescription"}], path)
+        (row,) = read_batch_file(path, "query")
+        assert (row.study_description, row.patient_name, row.patient_id, row.accession,
+                row.pseudonym) == (HOSTILE["StudyDescription"], "+1", "-1+1", "@SUM(1)",
+                                   "'=x"), suffix
+    sheet = openpyxl.load_workbook(tmp_path / "r.xlsx").active
+    header = [c.value for c in sheet[1]]
+    cell = sheet.cell(row=2, column=header.index("StudyDescription") + 1)
+    assert (cell.value, cell.data_type) == (HOSTILE["StudyDescription"], "s")
+
+
+def test_csv_to_a_text_stream_for_the_cli() -> None:
+    stream = io.StringIO()
+    write_table([HOSTILE_ROW, {"Row": 3, "Extra": ("CT", "MR")}], stream)
+    text = stream.getvalue()
+    assert not text.startswith("\ufeff")
+    first, second = raw_csv(text)
+    assert first["StudyDescription"] == "'" + HOSTILE["StudyDescription"]
+    assert (second["Row"], second["Extra"], second["PatientID"]) == ("3", "CT,MR", "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_csv_cell_is_never_a_formula_and_is_undone_exactly(value: str) -> None:
+    cell = csv_cell(value)
+    assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r")
+    assert csv_value(cell) == value
+    assert cell == value or cell == "'" + value
 
 
 # --- examples ---------------------------------------------------------------------------------

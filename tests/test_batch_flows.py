@@ -1,8 +1,10 @@
-"""Batch query and batch transfer against the real servers, from files as users write them."""
+"""Batch query and batch transfer against the real servers, from files as users write them;
+batch query postponement by a transfer window (controllable clock, in-process SCP)."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -10,11 +12,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
-from adit_tasks.core.batch_file import read_batch_file
-from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
+import flows.batch
+from adit_tasks import runs as runs_module
+from adit_tasks.core import windows
+from adit_tasks.core.batch import read_batch_file
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study, write_study
 from flows.batch import batch_query_flow, batch_transfer_flow
-from flows.options import TransferOptions
+from tests.scp import MisbehavingSCP
 
 SECRET = "batch-test-secret"
 
@@ -81,6 +88,7 @@ def test_name_and_birth_date_find_patient_ids_and_report_twins(lab, extra, prefe
     assert {r["PatientID"] for r in twins} == {present[0].patient_id, twin.patient_id}
     assert {r["Status"] for r in twins} == {"warning"}
     assert "2 patients match" in twins[0]["Message"]
+    assert not any(r["PatientID"] in twins[0]["Message"] for r in twins)  # artifact, logs
     assert [r["Status"] for r in rows if r["Row"] == 4] == ["not found"]
 
 
@@ -136,7 +144,9 @@ def test_cli_rejects_a_bad_file_before_any_work(lab, tmp_path):
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     assert result.returncode == 2
     assert "row 2, column PatientBirthDate" in result.stderr
-    assert "Colour" in result.stderr
+    # The unknown header is named by its column letter; its text stays out (it may be data).
+    assert "row 1, column C: unknown column header <6 characters>" in result.stderr
+    assert "Colour" not in result.stderr and "31.02.2020" not in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r.csv").exists()
 
@@ -152,3 +162,109 @@ def test_cli_batch_query_writes_the_result_file(lab, prefect_server, tmp_path):
         env={**os.environ, "PREFECT_API_URL": prefect_server})
     assert result.returncode == 0, result.stderr
     assert out.exists() and "result rows written" in result.stdout
+
+
+# --- transfer windows: the one postponement loop (adit_tasks.runs.run_in_windows) ---------------
+
+NIGHTS = "Mon-Fri 20:00-06:00"
+MONDAY_NOON = dt.datetime(2026, 11, 23, 12, 0)  # a Monday, window closed
+OPENS = dt.datetime(2026, 11, 23, 20, 0)
+
+
+def window_lab(tmp_path: Path, n: int) -> tuple[list[str], list, Path]:
+    """n one-instance studies for an in-process SCP, and a nodes file (written once its port
+    is known) whose node `pacs` has a night window."""
+    uids, datasets = [], []
+    for i in range(n):
+        spec = StudySpec(f"BQW{i}", "Window^Batch", "19700101", "20240101", "120000",
+                         f"ACCBQW{i}", "CT", (SeriesSpec("CT", "ax", 1, 1, 16, 16),))
+        uids.append(spec.study_uid)
+        datasets += list(make_study(spec))
+    return uids, datasets, tmp_path / "nodes.yaml"
+
+
+def write_nodes(path: Path, scp: MisbehavingSCP) -> str:
+    path.write_text(yaml.safe_dump({"nodes": [
+        {"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port,
+         "transfer_window": NIGHTS, "timeout": 10}]}))
+    return str(path)
+
+
+def test_batch_query_waits_for_the_window_in_the_one_loop(prefect_server, tmp_path,
+                                                           monkeypatch) -> None:
+    """A run started by hand waits in its process: every chunk meets the closed window, the
+    one loop waits once for the opening (no association before it), then answers all rows."""
+    uids, datasets, nodes = window_lab(tmp_path, 3)
+    now = {"t": MONDAY_NOON}
+    monkeypatch.setattr(windows, "clock", lambda: now["t"])
+    monkeypatch.setattr(flows.batch, "ROWS_PER_TASK", 2)  # two chunks, postponed together
+    waited: list[tuple[dt.datetime, int]] = []
+    with MisbehavingSCP(datasets) as scp:
+
+        def fake_sleep_until(when: dt.datetime) -> None:  # the clock jumps to the opening
+            waited.append((when, scp.established))
+            now["t"] = when
+
+        monkeypatch.setattr(runs_module, "sleep_until", fake_sleep_until)
+        state = batch_query_flow("StudyInstanceUID\n" + "\n".join(uids) + "\n", "pacs",
+                                 nodes_file=write_nodes(nodes, scp), return_state=True)
+        assert scp.established > 0
+    assert waited == [(OPENS, 0)]
+    rows = state.result()
+    assert state.is_completed()
+    assert [(r["Row"], r["Status"], r["StudyInstanceUID"]) for r in rows] == [
+        (2, "found", uids[0]), (3, "found", uids[1]), (4, "found", uids[2])]
+
+
+def test_batch_query_deployment_run_postpones_rows_and_schedules_once(prefect_server, tmp_path,
+                                                                      monkeypatch) -> None:
+    """A deployment run does not hold its worker for hours: its rows are written as postponed
+    with the opening, and one new run is scheduled for it."""
+    uids, datasets, nodes = window_lab(tmp_path, 3)
+    monkeypatch.setattr(windows, "clock", lambda: MONDAY_NOON)
+    monkeypatch.setattr(flows.batch, "ROWS_PER_TASK", 2)
+
+    class Deployment:
+        id = "deployment-1"
+
+    scheduled: list[tuple[str, dt.datetime]] = []
+    monkeypatch.setattr(flows.batch, "deployment", Deployment())
+    monkeypatch.setattr(flows.batch, "schedule_again",
+                        lambda dep, at: scheduled.append((dep, at)) or "night-run")
+
+    def no_waiting(when: dt.datetime) -> None:
+        raise AssertionError("a deployment run must not wait for the window")
+
+    monkeypatch.setattr(runs_module, "sleep_until", no_waiting)
+    out = tmp_path / "answer.csv"
+    with MisbehavingSCP(datasets) as scp:
+        state = batch_query_flow("StudyInstanceUID\n" + "\n".join(uids) + "\n", "pacs",
+                                 str(out), nodes_file=write_nodes(nodes, scp),
+                                 return_state=True)
+        assert scp.established == 0
+    assert scheduled == [("deployment-1", OPENS)]
+    rows = state.result()
+    assert state.is_completed()
+    assert [(r["Row"], r["Status"]) for r in rows] == [(2, "postponed"), (3, "postponed"),
+                                                       (4, "postponed")]
+    assert all("opens at 2026-11-23 20:00" in r["Message"] and "'night-run'" in r["Message"]
+               for r in rows)
+    assert [(r["Row"], r["Status"]) for r in read_csv(out)] == [
+        ("2", "postponed"), ("3", "postponed"), ("4", "postponed")]
+
+
+def test_failed_rows_fail_the_run_with_the_rows_as_data(prefect_server, tmp_path) -> None:
+    """A PACS that answers every C-FIND with 'out of resources': each row is a failure row,
+    the result file is written, and the run ends Failed carrying the rows."""
+    uids, datasets, nodes = window_lab(tmp_path, 2)
+    out = tmp_path / "answer.xlsx"
+    with MisbehavingSCP(datasets, busy=True) as scp:
+        state = batch_query_flow("StudyInstanceUID\n" + "\n".join(uids) + "\n", "pacs",
+                                 str(out), urgent=True, nodes_file=write_nodes(nodes, scp),
+                                 return_state=True)
+    assert state.is_failed() and state.message == "2 of 2 rows failed"
+    rows = state.result(raise_on_failure=False)
+    assert [(r["Row"], r["Status"], r["StudyInstanceUID"]) for r in rows] == [
+        (2, "failure", uids[0]), (3, "failure", uids[1])]
+    assert all(r["Message"] for r in rows)
+    assert [r.row for r in read_batch_file(out, "query")] == [2, 3]  # the file reads back

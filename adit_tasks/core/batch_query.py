@@ -4,6 +4,8 @@ A row is looked up by the most specific key it has: StudyInstanceUID, then Acces
 then PatientID, then PatientName + PatientBirthDate (the "find Patient IDs" case: several
 matching patients are a warning, never silently merged). Every input row gets at least one
 result row, found or not, so the output is a complete answer and a valid transfer input.
+`result_row` also makes the rows of input rows that got no answer (failed, postponed).
+Messages name no patient data: they reach the run's table artifact and logs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from adit_tasks.core import find
 from adit_tasks.core.association import Connection
-from adit_tasks.core.batch_file import BatchRow
+from adit_tasks.core.batch import BatchRow
 from adit_tasks.core.errors import AditError
 
 STUDY_COLUMNS = ["PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
@@ -27,7 +29,7 @@ def query_row(conn: Connection, row: BatchRow, level: str = "study") -> list[dic
     try:
         return _query_row(conn, row, level)
     except AditError as exc:
-        return [_result(row, level, "failure", str(exc))]
+        return [result_row(row, level, "failure", str(exc))]
 
 
 def _query_row(conn: Connection, row: BatchRow, level: str) -> list[dict[str, Any]]:
@@ -49,31 +51,33 @@ def _query_row(conn: Connection, row: BatchRow, level: str) -> list[dict[str, An
                                                        birth_date=row.birth_date))
         ids = sorted({p.PatientID for p in patients if p.PatientID})
         if not ids:
-            return [_result(row, level, "not found",
+            return [result_row(row, level, "not found",
                             "no patient with this name and birth date")]
         if len(ids) > 1:
-            message = f"{len(ids)} patients match name and birth date: {', '.join(ids)}"
+            # Each result row names its PatientID; the message (shown in the run's table
+            # artifact and logs) does not.
+            message = f"{len(ids)} patients match name and birth date"
         queries = [find.Query(patient_id=pid, **base) for pid in ids]
 
     studies = [s for q in queries for s in find.find_studies(conn, q)]
     status = "warning" if message else "found"
     if not studies:
-        return [_result(row, level, "not found", message or "no matching study")]
+        return [result_row(row, level, "not found", message or "no matching study")]
     if not series_level:
-        return [_result(row, level, status, message, study=s) for s in studies]
+        return [result_row(row, level, status, message, study=s) for s in studies]
     results = []
     for study in studies:
         series = find.find_series(conn, find.Query(
             level=find.Level.SERIES, study_uid=study.StudyInstanceUID,
             modality=",".join(row.modalities), series_description=row.series_description,
             series_number=",".join(row.series_numbers)), parent=study)
-        results += [_result(row, level, status, message, study=s) for s in series]
+        results += [result_row(row, level, status, message, study=s) for s in series]
     if not results:
-        return [_result(row, level, "not found", message or "no matching series")]
+        return [result_row(row, level, "not found", message or "no matching series")]
     return results
 
 
-def _result(row: BatchRow, level: str, status: str, message: str,
+def result_row(row: BatchRow, level: str, status: str, message: str,
             study: find.Study | None = None) -> dict[str, Any]:
     """One output row: Row, Status, Message, Pseudonym, then the study (and series) columns.
 

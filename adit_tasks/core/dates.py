@@ -12,7 +12,8 @@ import re
 from adit_tasks.core.errors import InvalidInput
 
 DICOM_DATE = "%Y%m%d"
-DATE_HELP = "use YYYY-MM-DD, YYYYMMDD or DD.MM.YYYY; ranges FROM-UNTIL"
+ONE_DATE_HELP = "use YYYY-MM-DD, YYYYMMDD or DD.MM.YYYY"
+DATE_HELP = f"{ONE_DATE_HELP}; ranges FROM-UNTIL"
 
 _SPELLINGS = (
     (re.compile(r"(\d{4})-(\d{2})-(\d{2})"), (1, 2, 3)),
