@@ -9,6 +9,7 @@ ever hashed or stored.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -17,8 +18,9 @@ from prefect.cache_policies import NO_CACHE
 
 from adit_tasks.core import find
 from adit_tasks.core.association import Connection
-from adit_tasks.core.batch_file import BatchRow
+from adit_tasks.core.batch import BatchRow
 from adit_tasks.core.batch_query import query_row
+from adit_tasks.core.continuous import StudyFilter, wanted_studies
 from adit_tasks.core.errors import is_retriable
 from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
 from adit_tasks.core.results import StudyJob
@@ -72,3 +74,14 @@ def query_rows_task(conn: Connection, gate: Gate, rows: list[BatchRow],
     gate.check()
     with node_slots((conn.node,)):
         return [result for row in rows for result in query_row(conn, row, level)]
+
+
+@task(name="find-chunk", cache_policy=NO_CACHE)
+def find_chunk_task(conn: Connection, gate: Gate, flt: StudyFilter, first: dt.date,
+                    last: dt.date, find_limit: int = 0) -> list[StudyJob]:
+    """A continuous job's chunk of days [first, last]: the studies its filter wants, with
+    their wanted series, in one slot of the node (the chunk's queries run one after the
+    other). `find_limit`: the most results the node returns for one C-FIND (0: unknown)."""
+    gate.check()
+    with node_slots((conn.node,)):
+        return wanted_studies(conn, flt, first, last, find_limit or None)

@@ -124,6 +124,9 @@ def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archiv
     assert counts[grow.study_uid] == 2, "the study that grew got its new instance"
     assert counts[old.study_uid] == 1, "the late study under an old date was found"
     assert result["failed_total"] == 0
+    # history 2024-07-01 .. 2026-06-26 (3 days of overlap before today): 726 days, 25 chunks
+    # of 30 days, one re-checked per run
+    assert result["runs_per_recheck_cycle"] == 25
     expected |= {today.study_uid: 1, recent.study_uid: 1, grow.study_uid: 2, old.study_uid: 1}
     assert counts == expected
 
@@ -155,10 +158,10 @@ def test_failed_study_is_retried_next_run_not_dropped(job, monkeypatch):
 
     real = tasks.transfer_study
 
-    def failing(settings, conn, sink, study_uid, *args, **kwargs):
-        if study_uid == victim_uid:
+    def failing(plan, job):
+        if job.study_uid == victim_uid:
             raise OperationFailed("simulated refusal")
-        return real(settings, conn, sink, study_uid, *args, **kwargs)
+        return real(plan, job)
 
     monkeypatch.setattr(tasks, "transfer_study", failing)
     first = run(max_studies_per_run=1000).result(raise_on_failure=False)

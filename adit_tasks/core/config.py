@@ -13,6 +13,7 @@ A bad file fails at start with one message that names the file, the node and the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -83,11 +84,33 @@ class ServerNode(_Strict):
     # Private creators whose blocks carry no identifying data and survive pseudonymization.
     safe_private_creators: list[str] = Field(default_factory=list)
     timeout: float = Field(default=60.0, gt=0, description="network/DIMSE timeout in seconds")
+    # Where this server's C-STOREs come from when it answers our C-MOVE. Our receiver takes
+    # an instance only from the AE title of the node the C-MOVE went to, connecting from one
+    # of these addresses. Empty (default): the address(es) `host` resolves to. A PACS that
+    # sends from other addresses (a cluster, NAT) lists them: IP addresses or networks such
+    # as "10.1.2.0/24". ["any"] checks the AE title (and the Move Originator Message ID) only.
+    move_sender_addresses: list[str] = Field(default_factory=list)
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
+
+    @field_validator("move_sender_addresses")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        value = [v.strip() for v in value]
+        if "any" in value:
+            if len(value) > 1:
+                raise ValueError('"any" cannot be combined with addresses')
+            return value
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"'{entry}' is not an IP address or network (or \"any\")"
+                                 ) from None
+        return value
 
     _window = field_validator("transfer_window")(check_window_text)
 
@@ -156,6 +179,7 @@ class ContinuousJob(_Strict):
     overlap_days: int = Field(default=3, ge=0)
     max_studies_per_run: int = Field(default=500, ge=1)
     find_limit: int = Field(default=0, ge=0)
+    recheck_chunks: int = Field(default=1, ge=0)  # history chunks re-checked per run
     # Transfer options (pseudonymize, pseudonym, trial_id, trial_name, dates, archive, window,
     # urgent, ...), as in flows/options.py TransferOptions.
     options: dict[str, Any] = Field(default_factory=dict)

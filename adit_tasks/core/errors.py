@@ -74,12 +74,6 @@ class InvalidData(PermanentError):
     """A retrieval delivered instances that were put aside (their reasons, never values)."""
 
 
-class DestinationRefused(PermanentError):
-    """The destination server refused instances for a reason that retrying will not change
-    (e.g. 0xA9xx 'data set does not match SOP class', 0xCxxx); the reasons are in the
-    message."""
-
-
 class DestinationUnwritable(PermanentError):
     """The destination folder cannot take the data: disk full, no permission, read-only."""
 
@@ -90,6 +84,16 @@ class StudyNotFound(PermanentError):
 
 class AssociationRejected(PermanentError):
     """The server permanently rejected us, typically because it does not know our AE title."""
+
+
+class DestinationRefused(PermanentError):
+    """The destination refused instances for good: a C-STORE failure status other than 'out
+    of resources' (0xA9xx, 0xCxxx, 0x0122, ...) or a SOP class / transfer syntax it does not
+    accept. `reason` says why (status code and the server's comment), never which instance."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class OperationFailed(PermanentError):
