@@ -155,8 +155,10 @@ def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[
                   continue_postponed: bool = True) -> list[StudyResult]:
     """The edge of every flow that moves studies: secrets, plan and limits, then the run.
     Everything that cannot work fails here (ConfigError), before any DICOM work."""
+    source_node, target = settings.server(source), settings.node(destination)
     secrets = read_secrets(settings, options)
-    with transfer_plan(settings, source, destination, options, jobs, method=method,
+    with transfer_plan(source_node, target, options, jobs, calling_ae=settings.ae_title,
+                       receiver=settings.receiver, retry=settings.retry, method=method,
                        pseudonym_secret=secrets.pseudonym_secret,
                        archive_password=secrets.archive_password,
                        slot=slot_held_by_caller) as plan:

@@ -50,9 +50,9 @@ import yaml
 from adit_tasks.core.association import Connection
 from adit_tasks.core.batch import BatchRow, read_batch_file
 from adit_tasks.core.batch_query import query_row
-from adit_tasks.core.config import Settings, load_settings
+from adit_tasks.core.config import RetryPolicy, Settings, load_settings
 from adit_tasks.core.get import CGet
-from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
+from adit_tasks.core.plan import Gate, TransferPlan
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.sinks import ServerSink
 from adit_tasks.core.transfer import transfer_study

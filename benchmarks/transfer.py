@@ -44,10 +44,10 @@ from pydicom import dcmread, dcmwrite
 
 from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
-from adit_tasks.core.config import Settings
+from adit_tasks.core.config import RetryPolicy, Settings
 from adit_tasks.core.get import CGet
 from adit_tasks.core.instances import DicomInstance
-from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
+from adit_tasks.core.plan import Gate, TransferPlan
 from adit_tasks.core.pseudonymize import Pseudonymizer
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, Sink, series_folder

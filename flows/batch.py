@@ -23,7 +23,7 @@ from adit_tasks.core.batch import BatchRow, read_batch_file
 from adit_tasks.core.batch_query import result_row
 from adit_tasks.core.config import RetrieveMethod, load_settings
 from adit_tasks.core.options import TransferOptions
-from adit_tasks.core.plan import Gate, retry_policy
+from adit_tasks.core.plan import Gate
 from adit_tasks.core.results import StudyJob, StudyResult
 from adit_tasks.core.tables import check_table_path, write_table
 from adit_tasks.core.windows import OutsideWindow
@@ -62,7 +62,7 @@ def batch_query_flow(
     gate = Gate.of(node, window, urgent)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)  # the task holds the slot
     ensure_node_limits([node])
-    task = with_retries(query_rows_task, retry_policy(settings))
+    task = with_retries(query_rows_task, settings.retry)
     chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
     progress = Progress("batch rows answered")
     answered = 0

@@ -23,7 +23,7 @@ from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import load_settings
 from adit_tasks.core.continuous import JobState, Pattern, RunPlanner, StudyFilter, Sweep
 from adit_tasks.core.options import TransferOptions
-from adit_tasks.core.plan import Gate, retry_policy
+from adit_tasks.core.plan import Gate
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
 from adit_tasks.runs import publish_table, transfer_jobs
@@ -93,7 +93,7 @@ def continuous_transfer_flow(
                       institution_name=Pattern(institution_name), min_instances=min_instances)
     gate = Gate.of(node, options.window, options.urgent)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    find_chunk = with_retries(find_chunk_task, retry_policy(settings))
+    find_chunk = with_retries(find_chunk_task, settings.retry)
     ensure_node_limits([node])
     key = state_variable(job)
     planner = RunPlanner(JobState.load(Variable.get(key, default=None), sweep.start), sweep,

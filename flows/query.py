@@ -15,7 +15,6 @@ from adit_tasks.core import find
 from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import load_settings
 from adit_tasks.core.options import StudySearch
-from adit_tasks.core.plan import retry_policy
 from adit_tasks.limits import ensure_node_limits
 from adit_tasks.tasks import find_task, with_retries
 
@@ -34,7 +33,7 @@ def query_flow(
     ensure_node_limits([node])
     query = (search or StudySearch()).query(level, limit)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    found = with_retries(find_task, retry_policy(settings))(conn, query)
+    found = with_retries(find_task, settings.retry)(conn, query)
     rows = [find.as_row(r) for r in found]
     create_table_artifact(key="query-result", table=rows,
                           description=f"{len(rows)} {level} result(s) from {source}")

@@ -25,7 +25,6 @@ from adit_tasks.core import find
 from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import ServerNode, load_settings
 from adit_tasks.core.options import StudySearch, TransferOptions
-from adit_tasks.core.plan import retry_policy
 from adit_tasks.core.results import StudyJob
 from adit_tasks.limits import ensure_node_limits
 from adit_tasks.runs import publish, transfer_jobs
@@ -90,7 +89,7 @@ def selective_transfer_flow(
     ensure_node_limits([node])
     query = (search or StudySearch()).query("study", limit=limit + 1)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    studies = with_retries(find_task, retry_policy(settings))(conn, query)
+    studies = with_retries(find_task, settings.retry)(conn, query)
     if not studies:
         return Completed(message="No studies match the search; nothing to transfer.")
     if len(studies) > limit:

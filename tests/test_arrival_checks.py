@@ -28,11 +28,11 @@ import pytest
 from pydicom import Dataset
 
 from adit_tasks.core.association import Connection
-from adit_tasks.core.config import ServerNode
+from adit_tasks.core.config import RetryPolicy, ServerNode
 from adit_tasks.core.errors import IncompleteRetrieval, InvalidData, PermanentError
 from adit_tasks.core.find import Study
 from adit_tasks.core.folder import unique_component
-from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
+from adit_tasks.core.plan import Gate, TransferPlan
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.retrieve import make_retriever
 from adit_tasks.core.sinks import FolderSink

@@ -269,6 +269,26 @@ class Settings(BaseSettings):
     def servers(self) -> list[ServerNode]:
         return [n for n in self.nodes if isinstance(n, ServerNode)]
 
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.retries, self.retry_delay_seconds)
+
+    @property
+    def receiver(self) -> ReceiverAddress:
+        """Where our C-MOVE storage SCP listens, as PACS know it."""
+        return ReceiverAddress(self.ae_title, self.receiver_host, self.receiver_port)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a task that failed for a passing reason is tried again (doubling delays)."""
+
+    retries: int
+    first_delay: float
+
+    def delays(self) -> list[float]:
+        return [self.first_delay * 2**i for i in range(self.retries)]
+
 
 @dataclass(frozen=True)
 class ReceiverAddress:
@@ -314,10 +334,6 @@ def load_settings(nodes_file: Path | str | None = None) -> Settings:
     # The file read is the file recorded, whatever ADIT_NODES_FILE says (an explicit
     # --nodes-file wins over the environment).
     return settings.model_copy(update={"nodes_file": path})
-
-
-def receiver_address(settings: Settings) -> ReceiverAddress:
-    return ReceiverAddress(settings.ae_title, settings.receiver_host, settings.receiver_port)
 
 
 def _describe(path: Path, data: dict[str, Any], exc: ValidationError) -> str:

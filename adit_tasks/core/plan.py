@@ -1,10 +1,11 @@
 """A run's plan, built once at the edge: everything a transfer needs, checked and typed.
 
-The edge (a CLI command or a flow's start) reads the settings and the secrets once and calls
-`transfer_plan()`. What comes out is frozen: the source connection, the retriever, the sink
-and the destination node it talks to, the pseudonymizer, the source's window and pacing, and
-the retry policy. Code below the plan receives what it needs from it and never looks up a
-node name, reads `Settings` or the environment.
+The edge (a CLI command or a flow's start) reads the settings and the secrets once, looks up
+the nodes and calls `transfer_plan()` with them. What comes out is frozen: the source
+connection, the retriever, the sink and the destination node it talks to, the pseudonymizer,
+the source's window and pacing, and the retry policy. Nothing here takes `Settings`; code
+below the plan receives what it needs from it and never looks up a node name, reads settings
+or the environment.
 
 `transfer_plan()` is a context manager because a plan may own resources for the run: the C-MOVE
 receiver (stopped when the run ends) and the job's archive (abandoned unless the run finished
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 
 from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection, SlotFactory
-from adit_tasks.core.config import FolderNode, RetrieveMethod, ServerNode, Settings
+from adit_tasks.core.config import (
+    FolderNode,
+    ReceiverAddress,
+    RetrieveMethod,
+    RetryPolicy,
+    ServerNode,
+)
 from adit_tasks.core.errors import ConfigError, NotSupported
 from adit_tasks.core.folder import safe_component
 from adit_tasks.core.options import TransferOptions
@@ -31,17 +38,6 @@ from adit_tasks.core.results import StudyJob
 from adit_tasks.core.retrieve import Retriever, choose_method, make_retriever
 from adit_tasks.core.sinks import ArchiveSink, DicomWebSink, FolderSink, ServerSink, Sink
 from adit_tasks.core.windows import OutsideWindow, TransferWindow
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a study that failed for a passing reason is tried again (doubling delays)."""
-
-    retries: int
-    first_delay: float
-
-    def delays(self) -> list[float]:
-        return [self.first_delay * 2**i for i in range(self.retries)]
 
 
 @dataclass(frozen=True)
@@ -90,28 +86,25 @@ class TransferPlan:
         return (self.source.node,) + ((self.destination,) if self.destination else ())
 
 
-def retry_policy(settings: Settings) -> RetryPolicy:
-    return RetryPolicy(settings.retries, settings.retry_delay_seconds)
-
-
 @contextlib.contextmanager
 def transfer_plan(
-    settings: Settings,
-    source: str,
-    destination: str,
+    source_node: ServerNode,
+    target: ServerNode | FolderNode,
     options: TransferOptions,
     jobs: list[StudyJob],
     *,
+    calling_ae: str,
+    receiver: ReceiverAddress,
+    retry: RetryPolicy,
     method: RetrieveMethod | None = None,
     pseudonym_secret: str = "",
     archive_password: str = "",
     slot: SlotFactory,
 ) -> Iterator[TransferPlan]:
-    """The plan of one transfer run; ConfigError for anything that cannot work, before any
-    DICOM work starts. `slot` limits the plan's associations (see adit_tasks.core.association).
-    """
-    source_node = settings.server(source)
-    target = settings.node(destination)
+    """The plan of one transfer run from `source_node` to `target`; ConfigError for anything
+    that cannot work, before any DICOM work starts. `slot` limits the plan's associations (see
+    adit_tasks.core.association); `receiver` is where a C-MOVE run listens."""
+    destination = target.name
     chosen = choose_method(source_node, method)
     pseudonymizer = None
     if options.pseudonymizing:
@@ -121,16 +114,15 @@ def transfer_plan(
                               "'adit-pseudonym-secret'")
         pseudonymizer = Pseudonymizer(pseudonym_secret, options.pseudonymization(
             frozenset(source_node.safe_private_creators)))
-    conn = Connection(source_node, settings.ae_title, slot)
+    conn = Connection(source_node, calling_ae, slot)
     common = dict(source=conn, pseudonymizer=pseudonymizer,
-                  gate=Gate.of(source_node, options.window, options.urgent),
-                  retry=retry_policy(settings))
+                  gate=Gate.of(source_node, options.window, options.urgent), retry=retry)
     with contextlib.ExitStack() as stack:
-        receiver = None
+        listening = None
         if chosen == "c-move":
-            receiver = stack.enter_context(open_receiver(
-                settings.ae_title, settings.receiver_host, settings.receiver_port))
-        retriever = make_retriever(conn, chosen, receiver)
+            listening = stack.enter_context(open_receiver(receiver.ae_title, receiver.host,
+                                                          receiver.port))
+        retriever = make_retriever(conn, chosen, listening)
         if options.archive:
             if not isinstance(target, FolderNode):
                 raise ConfigError(f"archives are written to folder nodes; '{destination}' "
@@ -155,7 +147,7 @@ def transfer_plan(
             return
         if not target.store:
             raise NotSupported(f"node '{destination}' does not accept instances (store: false)")
-        dest_conn = Connection(target, settings.ae_title, slot)
+        dest_conn = Connection(target, calling_ae, slot)
         sink = ServerSink(dest_conn) if target.has_dimse else DicomWebSink(dest_conn)
         yield TransferPlan(retriever=retriever, sink=sink, destination=target, **common)
 
