@@ -20,9 +20,10 @@ from adit_tasks.core import find
 from adit_tasks.core.association import Connection
 from adit_tasks.core.batch import BatchRow
 from adit_tasks.core.batch_query import query_row
+from adit_tasks.core.config import RetryPolicy
 from adit_tasks.core.continuous import StudyFilter, wanted_studies
 from adit_tasks.core.errors import is_retriable
-from adit_tasks.core.plan import Gate, RetryPolicy, TransferPlan
+from adit_tasks.core.plan import Gate, TransferPlan
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.transfer import StudyOutcome, transfer_study
 from adit_tasks.limits import node_slots, take_rate_slot

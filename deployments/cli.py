@@ -1,7 +1,16 @@
 """The `adit` command line: thin over the flows and the DICOM core.
 
-Exit codes: 0 success, 1 some work failed (the output says which), 2 invalid input or
-configuration (nothing was done).
+Exit codes: 0 success, 1 some work failed (the output says which, one line per failure),
+2 invalid input or configuration (nothing was done).
+
+The search fields of `query` and the transfer options of `transfer` and `batch-transfer` are
+made from `StudySearch` and `TransferOptions` (deployments/model_options.py): one declaration
+for the CLI, the flows and the UI forms.
+
+What the terminal shows: the results, one line each, and warnings. The Prefect run logs of the
+flows this command runs (`prefect.flow_runs`, `prefect.task_runs`: "Created flow run ...",
+"Task run failed" with its traceback, ...) go to the run's log on the Prefect server only
+(`prefect flow-run logs ID`), not to the terminal.
 """
 
 from __future__ import annotations
@@ -9,20 +18,35 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
-from adit_tasks.core.errors import AditError, InvalidInput, PermanentError
+from adit_tasks.core.errors import AditError, PermanentError
+from adit_tasks.core.options import StudySearch, TransferOptions
+from deployments.model_options import model_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ADIT: automated DICOM transfer between PACS, folders and archives.")
 
 NodesFile = Annotated[Path | None, typer.Option("--nodes-file", envvar="ADIT_NODES_FILE",
                                                  help="YAML nodes file (default ./nodes.yaml)")]
+Level = Annotated[Literal["study", "series"], typer.Option(help="study or series")]
+Method = Annotated[Literal["c-get", "c-move", "wado-rs"] | None, typer.Option(
+    help="retrieve with c-get, c-move or wado-rs (default: the source node's preference)")]
+
+# Loggers whose records are the flow runs' own log: kept off the terminal (see above).
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# DICOM libraries whose failures come back to the user as ADIT errors with a message: their
+# own log lines (e.g. pynetdicom's "Association request failed") would only repeat them.
+LIBRARY_LOGGERS = ("pynetdicom", "pydicom")
+PROGRESS_LOGGER = "adit.progress"
+ADIT_LOGGER = "adit_tasks"
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -46,20 +70,29 @@ def _settings(nodes_file: Path | None) -> Any:
         return load_settings(nodes_file)
 
 
-def _connection(settings: Any, name: str) -> Any:
-    """A connection whose associations are limited on the Prefect server when one runs."""
+@contextlib.contextmanager
+def _connection(settings: Any, name: str) -> Iterator[Any]:
+    """A connection to a server whose associations hold a slot of the node's limit on the
+    Prefect server when one runs (shared with every flow run), else a process-local one."""
     from adit_tasks.core.association import Connection, local_slot
-    from flows.runtime import use_running_server
+    from flows.runtime import running_server
 
     with _invalid_input():
         node = settings.server(name)
-    slot = local_slot
-    if use_running_server():
-        from adit_tasks.tasks import ensure_node_limits, prefect_slot
+    api_url = running_server()
+    if api_url is None:
+        yield Connection(node, settings.ae_title, local_slot)
+        return
+    from adit_tasks.limits import association_slot, ensure_node_limits
+    from flows.runtime import prefect_settings
 
-        ensure_node_limits(settings)
-        slot = prefect_slot
-    return Connection(node=node, calling_ae=settings.ae_title, slot=slot)
+    with prefect_settings(api_url):
+        try:
+            ensure_node_limits([node])
+        except Exception as exc:
+            raise _fail(f"the Prefect server at {api_url} did not answer "
+                        f"({type(exc).__name__})", 1) from None
+        yield Connection(node, settings.ae_title, association_slot)
 
 
 @app.command()
@@ -86,43 +119,35 @@ def echo(node: str, nodes_file: NodesFile = None) -> None:
     from adit_tasks.core.find import echo as c_echo
 
     settings = _settings(nodes_file)
-    conn = _connection(settings, node)
-    try:
-        c_echo(conn)
-    except AditError as exc:
-        raise _fail(str(exc), 1) from None
+    with _connection(settings, node) as conn:
+        try:
+            c_echo(conn)
+        except AditError as exc:
+            raise _fail(str(exc), 1) from None
     typer.echo(f"{node}: C-ECHO ok")
 
 
 @app.command()
+@model_options("search", StudySearch)
 def query(
-    node: str,
-    patient_id: Annotated[str, typer.Option(help="PatientID (wildcards * ?)")] = "",
-    patient_name: Annotated[str, typer.Option(help="'Last^First' (wildcards * ?)")] = "",
-    birth_date: Annotated[str, typer.Option(help="YYYYMMDD or YYYY-MM-DD")] = "",
-    study_date: Annotated[str, typer.Option(help="DATE or FROM-UNTIL (open ends allowed)")] = "",
-    modality: Annotated[str, typer.Option(help="e.g. CT, or CT,MR")] = "",
-    accession: Annotated[str, typer.Option(help="AccessionNumber")] = "",
-    study_uid: Annotated[str, typer.Option(help="StudyInstanceUID")] = "",
-    level: Annotated[str, typer.Option(help="study or series")] = "study",
-    limit: Annotated[int, typer.Option(help="stop after this many results")] = 0,
+    node: Annotated[str, typer.Argument(help="server to query")],
+    search: StudySearch,
+    level: Level = "study",
+    limit: Annotated[int, typer.Option(min=0, help="stop after this many results")] = 0,
     out: Annotated[Path | None, typer.Option(help="write a CSV file instead of printing")] = None,
     nodes_file: NodesFile = None,
 ) -> None:
-    """C-FIND studies (or series) on a server: one row per result."""
-    from flows.query import build_query, run_query
+    """C-FIND studies (or series) on a server: one row per result (no flow run)."""
+    from adit_tasks.core import find
 
     settings = _settings(nodes_file)
-    if level not in ("study", "series"):
-        raise _fail("--level must be study or series", 2)
     with _invalid_input():
-        q = build_query(patient_id, patient_name, birth_date, study_date, modality, accession,
-                        study_uid, level, limit)
-    conn = _connection(settings, node)
-    try:
-        rows = run_query(conn, q)
-    except AditError as exc:
-        raise _fail(str(exc), 2 if isinstance(exc, InvalidInput) else 1) from None
+        q = search.query(level, limit)  # type: ignore[arg-type]
+    with _connection(settings, node) as conn:
+        try:
+            rows = [find.as_row(r) for r in find.find_at_level(conn, q)]
+        except AditError as exc:
+            raise _fail(str(exc), 2 if isinstance(exc, PermanentError) else 1) from None
     _write_rows(rows, out)
     if out:
         typer.echo(f"{len(rows)} result(s) written to {out}", err=True)
@@ -143,113 +168,144 @@ def _write_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
             stream.close()
 
 
-def _check_secrets(options: Any) -> None:
-    """On a terminal, ask for an archive password that is not in the environment. It goes
-    into this process's environment only: the flow reads it there, and it never becomes a flow
-    parameter (which Prefect stores and shows). Missing secrets otherwise fail in the flow,
-    before any work, with exit code 2 (a Prefect Secret block may provide them)."""
-    import os
+class _ProgressBar(logging.Handler):
+    """Feeds a progress bar from the flows' `adit.progress` records (`record.progress` is
+    `(done, total)`)."""
 
-    from adit_tasks.core.config import SecretSettings
+    def __init__(self, bar: Any) -> None:
+        super().__init__(logging.DEBUG)
+        self.bar = bar
 
-    if options.archive and SecretSettings().archive_password is None and sys.stdin.isatty():
-        os.environ["ADIT_ARCHIVE_PASSWORD"] = typer.prompt(
-            "Archive password", hide_input=True, confirmation_prompt=True)
+    def emit(self, record: logging.LogRecord) -> None:
+        progress = getattr(record, "progress", None)
+        if progress is None:
+            return
+        done, total = progress
+        self.bar.length = max(total, 1)
+        self.bar.update(done - self.bar.pos)
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[None]:
+    """A progress bar on the terminal while the block runs (nothing when not a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    level = logger.level
+    with typer.progressbar(length=1, label=label, file=sys.stderr) as bar:
+        handler = _ProgressBar(bar)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _run_flow(label: str, run: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run a flow in this process, against a running local server when there is one (else
+    Prefect's ephemeral mode), with a progress bar on a terminal; its final state and result.
+
+    A run that failed before any work (invalid input or configuration, e.g. a missing archive
+    password) exits 2 with its message; one that broke otherwise exits 1.
+    """
+    from flows.runtime import prefect_settings, running_server
+
+    api_url = running_server()
+    with prefect_settings(api_url), _adit_records_to_run_log():
+        if api_url:
+            _check_server(api_url)
+        with _progress_bar(label):
+            state = run()
+        result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        code = 2 if isinstance(result, PermanentError | ValueError) else 1
+        typer.echo(f"error: {result}", err=True)
+        if code == 1:
+            _log_hint(state)
+        raise typer.Exit(code)
+    return state, result
+
+
+def _check_server(api_url: str) -> None:
+    """Exit 1 with one line when the Prefect server does not answer (nothing was done)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise _fail(f"the Prefect server at {api_url} does not answer "
+                    f"({type(problem).__name__})", 1)
+
+
+@contextlib.contextmanager
+def _adit_records_to_run_log() -> Iterator[None]:
+    """ADIT's own log records (loggers `adit_tasks.*`, e.g. a refused association before a
+    retry) logged inside a flow or task run go to that run's log on the Prefect server, with
+    Prefect's run logs, instead of the terminal."""
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLog(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if _in_a_run():
+                super().emit(record)
+
+    logger = logging.getLogger(ADIT_LOGGER)
+    handler = RunLog()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _log_hint(state: Any) -> None:
+    """Where the details (tracebacks) of a run are: its log on the Prefect server."""
+    run_id = getattr(state.state_details, "flow_run_id", None)
+    if run_id:
+        typer.echo(f"details: prefect flow-run logs {run_id}", err=True)
 
 
 @app.command()
+@model_options("options", TransferOptions)
 def transfer(
     source: Annotated[str, typer.Option(help="source server node")],
     destination: Annotated[str, typer.Option(help="destination server or folder node")],
     study: Annotated[list[str], typer.Option(help="StudyInstanceUID (repeatable)")],
-    series: Annotated[list[str] | None, typer.Option(help="SeriesInstanceUID (repeatable)")] = None,
-    pseudonymize: Annotated[bool, typer.Option(help="pseudonymize (PS3.15 basic profile)")] = False,
-    pseudonym: Annotated[str, typer.Option(help="pseudonym for PatientID/Name (implies "
-                                                "--pseudonymize)")] = "",
-    trial_id: Annotated[str, typer.Option(help="ClinicalTrialProtocolID")] = "",
-    trial_name: Annotated[str, typer.Option(help="ClinicalTrialProtocolName")] = "",
-    dates: Annotated[str, typer.Option(help="shift, keep or remove dates when pseudonymizing")]
-    = "shift",
-    keep_patient_characteristics: Annotated[bool, typer.Option(
-        help="retain sex, age, size, weight")] = False,
-    keep_device_identity: Annotated[bool, typer.Option(help="retain device identity")] = False,
-    no_clean_descriptors: Annotated[bool, typer.Option(
-        help="remove descriptions instead of cleaning them")] = False,
-    allow_burned_in: Annotated[bool, typer.Option(
-        help="send images flagged with burned-in annotation")] = False,
-    archive: Annotated[bool, typer.Option(help="one encrypted 7-Zip archive in the destination "
-                                               "folder (password: ADIT_ARCHIVE_PASSWORD)")] = False,
-    compress: Annotated[bool, typer.Option(help="LZMA2 inside the archive (slower)")] = False,
-    method: Annotated[str | None, typer.Option(help="c-get, c-move or wado-rs")] = None,
+    series: Annotated[list[str] | None, typer.Option(
+        help="SeriesInstanceUID (repeatable; only with one --study)")] = None,
+    *,
+    options: TransferOptions,
+    method: Method = None,
     nodes_file: NodesFile = None,
 ) -> None:
-    """Transfer studies from a server to a server, a folder or an archive (a Prefect flow run)."""
+    """Transfer studies from a server to a server, a folder or an archive (a Prefect flow run).
+
+    Secrets: ADIT_PSEUDONYM_SECRET, ADIT_ARCHIVE_PASSWORD (environment, .env, Secret blocks).
+    """
+    from adit_tasks.core.find import validate_uid
 
     settings = _settings(nodes_file)
     with _invalid_input():
         settings.server(source)
         settings.node(destination)
-    if method not in (None, "c-get", "c-move", "wado-rs"):
-        raise _fail("--method must be c-get, c-move or wado-rs", 2)
-    if dates not in ("shift", "keep", "remove"):
-        raise _fail("--dates must be shift, keep or remove", 2)
-    from adit_tasks.core.find import validate_uid
-
-    with _invalid_input():
-        for uid in [*study, *(series or [])]:
-            validate_uid(uid)
-    from flows.options import TransferOptions
-    from flows.runtime import use_running_server
-
-    options = TransferOptions(
-        pseudonymize=pseudonymize, pseudonym=pseudonym, trial_id=trial_id,
-        trial_name=trial_name, dates=dates,
-        retain_patient_characteristics=keep_patient_characteristics,
-        retain_device_identity=keep_device_identity,
-        clean_descriptors=not no_clean_descriptors, allow_burned_in=allow_burned_in,
-        archive=archive, compress=compress)
-    _check_secrets(options)
-    use_running_server()
+        for uid in study:
+            validate_uid(uid, "StudyInstanceUID")
+        for uid in series or []:
+            validate_uid(uid, "SeriesInstanceUID")
     from flows.transfer import transfer_flow
 
-    state = transfer_flow(source, destination, study, series or None, options, method,
-                          nodes_file=str(settings.nodes_file), return_state=True)
-    rows = state.result(raise_on_failure=False)
-    if isinstance(rows, BaseException):
-        code = 2 if isinstance(rows, PermanentError | ValueError) else 1
-        raise _fail(str(rows), code)
-    for row in rows:
-        counts = (f"{row.get('transferred', 0)}/{row.get('expected')} instances"
-                  if "expected" in row else "")
-        typer.echo(f"study {row['study']}: {row['status']}  {counts}  {row['message']}")
-    if any(r["status"] == "failure" for r in rows):
+    state, results = _run_flow("transferring", lambda: transfer_flow(
+        source, destination, list(study), list(series) if series else None, options, method,
+        nodes_file=str(settings.nodes_file), return_state=True))
+    for result in results:
+        parts = [f"study {result.number}: {result.status}", result.counts(), result.message]
+        typer.echo("  ".join(part for part in parts if part))
+    if any(result.failed for result in results):
+        _log_hint(state)
         raise typer.Exit(1)
-
-
-def _run_with_progress(label: str, run: Any) -> Any:
-    """Run a flow, with a progress bar on a terminal (fed by the flows' progress listener)."""
-    from flows import transfer as transfer_module
-
-    if not sys.stderr.isatty():
-        return run()
-    with typer.progressbar(length=1, label=label, file=sys.stderr) as bar:
-        def update(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
-        transfer_module.progress_listener = update
-        try:
-            return run()
-        finally:
-            transfer_module.progress_listener = None
-
-
-def _batch_result(state: Any) -> list[dict[str, Any]]:
-    rows = state.result(raise_on_failure=False)
-    if isinstance(rows, BaseException):
-        code = 2 if isinstance(rows, PermanentError | ValueError) else 1
-        raise _fail(str(rows), code)
-    return rows
 
 
 @app.command("batch-query")
@@ -257,81 +313,60 @@ def batch_query(
     file: Annotated[Path, typer.Argument(help="batch file (.csv or .xlsx)")],
     source: Annotated[str, typer.Option(help="server to query")],
     out: Annotated[Path, typer.Option(help="result file (.csv or .xlsx)")],
-    level: Annotated[str, typer.Option(help="study or series")] = "study",
+    level: Level = "study",
     nodes_file: NodesFile = None,
 ) -> None:
     """Look up every row of a batch file: find Patient IDs, studies, check presence."""
-    from adit_tasks.core.batch_file import read_batch_file
-
     settings = _settings(nodes_file)
     with _invalid_input():
         settings.server(source)
-        if level not in ("study", "series"):
-            raise InvalidInput("--level must be study or series")
-        if out.suffix.lower() not in (".csv", ".xlsx"):
-            raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
-        read_batch_file(file, "query")  # all problems at once, before anything runs
-    from flows.runtime import use_running_server
-
-    use_running_server()
     from flows.batch import batch_query_flow
 
-    state = _run_with_progress("querying", lambda: batch_query_flow(
+    state, rows = _run_flow("querying", lambda: batch_query_flow(
         str(file.resolve()), source, str(out.resolve()), level=level,
         nodes_file=str(settings.nodes_file), return_state=True))
-    rows = _batch_result(state)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["Status"]] = counts.get(row["Status"], 0) + 1
     typer.echo(f"{len(rows)} result rows written to {out}: "
                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if counts.get("failure"):
+        _log_hint(state)
         raise typer.Exit(1)
 
 
 @app.command("batch-transfer")
+@model_options("options", TransferOptions)
 def batch_transfer(
     file: Annotated[Path, typer.Argument(help="batch file (.csv or .xlsx)")],
     source: Annotated[str, typer.Option(help="source server node")],
     destination: Annotated[str, typer.Option(help="destination server or folder node")],
-    pseudonymize: Annotated[bool, typer.Option(help="pseudonymize (PS3.15 basic profile)")] = False,
-    trial_id: Annotated[str, typer.Option(help="ClinicalTrialProtocolID")] = "",
-    trial_name: Annotated[str, typer.Option(help="ClinicalTrialProtocolName")] = "",
-    archive: Annotated[bool, typer.Option(help="one encrypted 7-Zip archive in the destination "
-                                               "folder (password: ADIT_ARCHIVE_PASSWORD)")] = False,
+    options: TransferOptions,
+    method: Method = None,
     out: Annotated[Path | None, typer.Option(help="result file (.csv or .xlsx)")] = None,
     nodes_file: NodesFile = None,
 ) -> None:
     """Transfer the studies listed in a batch file; one result row per input row."""
-    from adit_tasks.core.batch_file import read_batch_file
-    from flows.options import TransferOptions
-
     settings = _settings(nodes_file)
     with _invalid_input():
         settings.server(source)
         settings.node(destination)
-        if out is not None and out.suffix.lower() not in (".csv", ".xlsx"):
-            raise InvalidInput(f"{out}: results can be written as .csv or .xlsx only")
-        read_batch_file(file, "transfer")
-    options = TransferOptions(pseudonymize=pseudonymize, trial_id=trial_id,
-                              trial_name=trial_name, archive=archive)
-    _check_secrets(options)
-    from flows.runtime import use_running_server
-
-    use_running_server()
     from flows.batch import batch_transfer_flow
 
-    state = _run_with_progress("transferring", lambda: batch_transfer_flow(
+    state, rows = _run_flow("transferring", lambda: batch_transfer_flow(
         str(file.resolve()), source, destination, options,
-        out=str(out.resolve()) if out else "", nodes_file=str(settings.nodes_file),
-        return_state=True))
-    rows = _batch_result(state)
+        out=str(out.resolve()) if out else "", method=method,
+        nodes_file=str(settings.nodes_file), return_state=True))
     for row in rows:
-        typer.echo(f"row {row['Row']}: {row['Status']}  {row.get('Instances', 0)} instances"
-                   f"  {row.get('Message', '')}")
+        instances = row.get("Instances")
+        parts = [f"row {row['Row']}: {row['Status']}",
+                 f"{instances} instances" if instances not in (None, "") else "",
+                 str(row.get("Message") or "")]
+        typer.echo("  ".join(part for part in parts if part))
     if out:
         typer.echo(f"results written to {out}")
     if any(r["Status"] == "failure" for r in rows):
+        _log_hint(state)
         raise typer.Exit(1)
 
 
@@ -341,20 +376,57 @@ def serve(
     nodes_file: NodesFile = None,
 ) -> None:
     """Start (or reuse) a local Prefect server and serve every ADIT flow; prints the UI address."""
-    from adit_tasks.core.config import nodes_file_path
     from deployments.serve import serve as run_serve
 
     settings = _settings(nodes_file)
     if not settings.nodes:
-        raise _fail(f"no nodes configured in {nodes_file_path(nodes_file)}", 2)
-    raise typer.Exit(run_serve(settings.nodes_file, port))
+        raise _fail(f"no nodes configured in {settings.nodes_file}", 2)
+    raise typer.Exit(run_serve(settings, port))
+
+
+class _ForTheTerminal(logging.Filter):
+    """Keeps off the terminal: the flow runs' own log records (see the module docstring),
+    ADIT's records logged inside a run (they go to the run's log: `_adit_records_to_run_log`)
+    and the DICOM libraries' records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(RUN_LOGGERS + LIBRARY_LOGGERS):
+            return False
+        return not (record.name.startswith(ADIT_LOGGER) and _in_a_run())
+
+
+def _in_a_run() -> bool:
+    """Whether the caller runs inside a Prefect flow or task run (never imports Prefect)."""
+    context = sys.modules.get("prefect.context")
+    return context is not None and (context.FlowRunContext.get() is not None
+                                    or context.TaskRunContext.get() is not None)
+
+
+def _terminal_logging() -> None:
+    """Warnings and errors on stderr, one line each, without the run logs. Installed before
+    Prefect is imported: Prefect's logging set-up then keeps this root handler instead of its
+    own console handler, and still sends the run logs to the API (its `api` handler on the
+    run loggers), at Prefect's logging level (INFO unless PREFECT_LOGGING_LEVEL says)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_ForTheTerminal())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    # pydicom also warns (Python warnings) about values it checks, e.g. an invalid UID the
+    # user typed: the command reports those itself.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from flows.runtime import prepare_environment
-
-    prepare_environment()
+    # Process start, before Prefect is imported, and the only environment write of the
+    # command: Prefect's client telemetry reads DO_NOT_TRACK from the environment when
+    # `prefect` is imported and has no setting for it (no internet here, and none wanted in
+    # a hospital). Server analytics are switched off through Prefect settings
+    # (flows/runtime.py prefect_settings) and the environment of the server `serve` starts.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    _terminal_logging()
     app()
 
 

@@ -5,6 +5,10 @@ global concurrency limits, and serves every flow of the product as a deployment 
 process (no work pool needed). Flow runs started from the UI run here, with the nodes file
 this command was given. Stopping it (Ctrl-C) pauses the deployments and stops the Prefect
 server if this command started it.
+
+The server's API URL is a Prefect setting for the serving block (flows/runtime.py
+`prefect_settings`), not an environment variable: the flow-run processes `prefect.serve`
+starts get it from Prefect, which passes its current settings on to them.
 """
 
 from __future__ import annotations
@@ -14,27 +18,23 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flows.runtime import prepare_environment
-
-DEFAULT_PORT = 4200
-
-
-def server_healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=1) as rsp:
-            return rsp.status == 200
-    except OSError:
-        return False
+from flows.runtime import (
+    DEFAULT_PORT,
+    local_api_url,
+    prefect_settings,
+    server_healthy,
+    stop_process_group,
+)
 
 
 def start_prefect_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    """A local Prefect server (SQLite under PREFECT_HOME) bound to 127.0.0.1 only."""
+    """A local Prefect server (SQLite under PREFECT_HOME) bound to 127.0.0.1 only, in its own
+    session (stopped with its process group), without analytics."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_UI_API_URL": local_api_url(port)}
     env.pop("PREFECT_API_URL", None)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -45,24 +45,12 @@ def start_prefect_server(port: int, log: Path) -> subprocess.Popen[bytes]:
             start_new_session=True)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process we started, by its PID (its own session: uvicorn children too)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def deployments(nodes_file: str, settings: Any = None) -> list:
     """Every flow of the product as a deployment, defaults pointing at this nodes file, and
     one scheduled deployment per continuous job of the nodes file."""
+    from adit_tasks.core.options import TransferOptions
     from flows.batch import batch_query_flow, batch_transfer_flow
     from flows.continuous import continuous_transfer_flow
-    from flows.options import TransferOptions
     from flows.query import query_flow
     from flows.selective_transfer import selective_transfer_flow
     from flows.transfer import transfer_flow
@@ -102,42 +90,41 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(nodes_file: Path, port: int = DEFAULT_PORT) -> int:
-    """Run until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
-    prepare_environment()
+def serve(settings: Any, port: int = DEFAULT_PORT) -> int:
+    """Run until interrupted (Ctrl-C or SIGTERM); returns the exit code. `settings`: the
+    loaded settings (their nodes file is the one the deployments use)."""
     # A process started in the background by a non-interactive shell ignores SIGINT: restore
     # it, and treat SIGTERM the same, so the Prefect server we start is always stopped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    from adit_tasks.core.config import load_settings
+    from prefect.settings import PREFECT_HOME
 
-    settings = load_settings(nodes_file)  # a bad nodes file stops us before anything starts
-    api_url = f"http://127.0.0.1:{port}/api"
+    api_url = local_api_url(port)
     started = None
     if not server_healthy(api_url):
-        log = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "adit-server.log"
+        log = Path(PREFECT_HOME.value()) / "adit-server.log"
         started = start_prefect_server(port, log)
         deadline = time.monotonic() + 90
         while not server_healthy(api_url):
             if started.poll() is not None or time.monotonic() > deadline:
                 print(f"error: the Prefect server did not start; see {log}", file=sys.stderr)
-                stop(started)
+                stop_process_group(started)
                 return 1
             time.sleep(0.5)
-    os.environ["PREFECT_API_URL"] = api_url
     try:
-        from prefect import serve as prefect_serve
+        with prefect_settings(api_url):
+            from prefect import serve as prefect_serve
 
-        from adit_tasks.tasks import ensure_node_limits
+            from adit_tasks.limits import ensure_node_limits
 
-        ensure_node_limits(settings)
-        print(f"ADIT is served. Open the Prefect UI: http://127.0.0.1:{port}  "
-              "(Deployments -> pick-studies -> Run). Ctrl-C stops it.", flush=True)
-        prefect_serve(*deployments(str(Path(nodes_file).resolve()), settings),
-                      print_starting_message=False)
+            ensure_node_limits(settings.servers)
+            print(f"ADIT is served. Open the Prefect UI: http://127.0.0.1:{port}  "
+                  "(Deployments -> pick-studies -> Run). Ctrl-C stops it.", flush=True)
+            prefect_serve(*deployments(str(Path(settings.nodes_file).resolve()), settings),
+                          print_starting_message=False)
     except KeyboardInterrupt:
         pass
     finally:
         if started is not None:
-            stop(started)
+            stop_process_group(started)
     return 0

@@ -73,7 +73,10 @@ def test_cli_exit_codes(lab, tmp_path) -> None:
     assert _adit("nodes", "--nodes-file", str(bad)).returncode == 2
     date = _adit("query", "orthanc1", "--study-date", "soon", "--nodes-file",
                  str(lab.nodes_file))
-    assert date.returncode == 2 and "invalid date" in date.stderr
+    assert date.returncode == 2, date.stderr
+    assert "--study-date: invalid study date 'soon'" in date.stderr
+    level = _adit("query", "orthanc1", "--level", "image", "--nodes-file", str(lab.nodes_file))
+    assert level.returncode == 2
     down = tmp_path / "down.yaml"
     from adit_tasks.lab.servers import free_port
 

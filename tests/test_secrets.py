@@ -59,3 +59,33 @@ def test_environment_wins_and_unneeded_secrets_are_not_read(tmp_path, monkeypatc
     none = read_secrets(settings, TransferOptions())
     assert (none.pseudonym_secret, none.archive_password) == ("", "")
     assert "from-dotenv" not in repr(settings) and "from-dotenv" not in repr(both)
+
+
+def test_cli_uses_only_a_prefect_3_server_it_finds(prefect_server) -> None:
+    """Something else answering /health on the local port is not taken for a Prefect server
+    (the CLI would run flows and read Secret blocks there)."""
+    import http.server
+    import threading
+
+    from adit_tasks.lab.servers import free_port
+    from flows.runtime import server_healthy
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'"2.0.0"' if self.path.endswith("/admin/version") else b"true"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Impostor)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert not server_healthy(f"http://127.0.0.1:{server.server_address[1]}/api")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server_healthy(prefect_server)

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.flow_runs import resume_flow_run
 
+from adit_tasks.core.options import StudySearch
 from flows.selective_transfer import selective_transfer_flow
 
 
@@ -34,8 +35,8 @@ def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
         state=selective_transfer_flow.with_options(flow_run_name="picker-test")(
-            "orthanc1", "downloads", patient_id=patient, nodes_file=lab.nodes_file_in(tmp_path),
-            return_state=True)))
+            "orthanc1", "downloads", search=StudySearch(patient_id=patient),
+            nodes_file=lab.nodes_file_in(tmp_path), return_state=True)))
     runner.start()
     run = wait_for_paused_run("picker-test")
     keyset = run.state.state_details.run_input_keyset
@@ -50,8 +51,8 @@ def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):
     chosen = labels[0]
     resume_flow_run(run.id, run_input={"studies": [chosen], "destination": "downloads"})
     runner.join(120)
-    rows = result["state"].result()
-    assert [r["status"] for r in rows] == ["success"]
+    results = result["state"].result()
+    assert [r.status for r in results] == ["success"]
     files = list((tmp_path / "downloads").rglob("*.dcm"))
     got = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
     assert len(got) == 1
@@ -60,7 +61,8 @@ def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):
 
 
 def test_no_match_ends_with_a_clear_message(lab, prefect_server, tmp_path):
-    state = selective_transfer_flow("orthanc1", "downloads", patient_id="NOBODY-HERE",
+    state = selective_transfer_flow("orthanc1", "downloads",
+                                    search=StudySearch(patient_id="NOBODY-HERE"),
                                     nodes_file=lab.nodes_file_in(tmp_path), return_state=True)
     assert state.is_completed() and "No studies match" in state.message
 
@@ -72,7 +74,8 @@ def test_too_many_results_asks_to_narrow_the_search(lab, prefect_server, tmp_pat
 
 
 def test_unanswered_form_times_out_and_transfers_nothing(lab, prefect_server, tmp_path):
-    state = selective_transfer_flow("orthanc1", "downloads", patient_id=lab.ct.patient_id,
+    state = selective_transfer_flow("orthanc1", "downloads",
+                                    search=StudySearch(patient_id=lab.ct.patient_id),
                                     timeout_minutes=0.05, nodes_file=lab.nodes_file_in(tmp_path),
                                     return_state=True)
     assert state.is_completed() and "Nobody chose" in state.message

@@ -10,14 +10,14 @@ import yaml
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from adit_tasks import runs as runs_module
 from adit_tasks.core import windows
 from adit_tasks.core.config import Settings
 from adit_tasks.core.errors import InvalidInput
-from adit_tasks.core.windows import TransferWindow
-from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
-from adit_tasks import runs as runs_module
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.results import StudyJob, StudyResult
+from adit_tasks.core.windows import TransferWindow
+from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
 from adit_tasks.runs import transfer_jobs
 from flows.transfer import transfer_flow
 from tests.scp import MisbehavingSCP

@@ -140,7 +140,7 @@ def picker(lab, served: Served) -> Picker:
         deployment = client.read_deployment_by_name("selective-transfer/pick-studies")
         runs = {ui: client.create_flow_run_from_deployment(
                     deployment.id, parameters={"source": "orthanc1", "destination": "downloads",
-                                               "patient_id": patient}).id
+                                               "search": {"patient_id": patient}}).id
                 for ui in UIS}
         # `adit serve` polls for scheduled runs every ~10 s; the query itself is quick.
         deadline = time.monotonic() + 60
@@ -284,7 +284,7 @@ def test_ticking_one_study_transfers_exactly_that_study(served, picker, page, ui
             assert time.monotonic() < deadline, f"the run did not finish: {state}"
             time.sleep(0.5)
     assert state.is_completed(), state
-    assert state.message == "1 studies transferred"
+    assert state.message == "1 of 1 studies transferred"
     new = set(served.downloads.rglob("*.dcm")) - before
     uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in new}
     assert uids == {chosen.study_uid}

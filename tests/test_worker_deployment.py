@@ -35,7 +35,7 @@ def test_deploy_all_then_a_worker_runs_a_query(lab, prefect_server, tmp_path) ->
                 "continuous-ct-thorax"} <= names
         deployment = client.read_deployment_by_name("query/query")
         run = client.create_flow_run_from_deployment(deployment.id, parameters={
-            "source": "orthanc1", "patient_id": lab.ct.patient_id,
+            "source": "orthanc1", "search": {"patient_id": lab.ct.patient_id},
             "nodes_file": str(lab.nodes_file)})
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "adit"], env=env,
                               cwd=tmp_path, stdout=subprocess.DEVNULL,
