@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from prefect import get_run_logger
@@ -60,6 +60,15 @@ class Progress:
         if done == total or now - self._last >= self._every:
             update_progress_artifact(self._id, 100.0 * done / max(total, 1))
             self._last = now
+
+
+def results_in_order(task: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> Iterator[Any]:
+    """Submit one task run per (name, arguments), all at once (the task runner bounds how many
+    run together); yield each one's result, or its exception, in the order given."""
+    futures = [task.with_options(task_run_name=name).submit(*args) for name, args in calls]
+    for future in futures:
+        future.wait()
+        yield future.state.result(raise_on_failure=False)
 
 
 def run_in_windows(items: Sequence[T], run_round: Callable[[list[T]], list[R | OutsideWindow]],
@@ -110,12 +119,9 @@ def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
 
     def run_round(batch: list[tuple[int, StudyJob]]) -> list[StudyResult | OutsideWindow]:
         nonlocal finished
-        futures = [task.with_options(task_run_name=f"study-{n}").submit(plan, job)
-                   for n, job in batch]
         outcomes: list[StudyResult | OutsideWindow] = []
-        for (n, job), future in zip(batch, futures, strict=True):
-            future.wait()
-            outcome = future.state.result(raise_on_failure=False)
+        calls = [(f"study-{n}", (plan, job)) for n, job in batch]
+        for (n, job), outcome in zip(batch, results_in_order(task, calls), strict=True):
             if isinstance(outcome, OutsideWindow):
                 outcomes.append(outcome)
                 continue

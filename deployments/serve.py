@@ -56,25 +56,21 @@ def deployments(nodes_file: str, settings: Any = None) -> list:
     from flows.transfer import transfer_flow
 
     common = {"nodes_file": nodes_file}
+    served = [
+        (selective_transfer_flow, "pick-studies",
+         "Search a PACS, tick studies in the run's Resume form, transfer them."),
+        (transfer_flow, "transfer", "Transfer studies by StudyInstanceUID."),
+        (query_flow, "query", "Search a PACS; the result is a table artifact."),
+        (batch_query_flow, "batch-query",
+         "Look up every row of a CSV/Excel batch (path or pasted CSV)."),
+        (batch_transfer_flow, "batch-transfer",
+         "Transfer the studies of a CSV/Excel batch (path or pasted CSV)."),
+        (continuous_transfer_flow, "continuous",
+         "Keep a destination in sync for a cohort (run it on a schedule)."),
+    ]
     return [
-        selective_transfer_flow.to_deployment(
-            name="pick-studies", parameters=common, tags=["adit"],
-            description="Search a PACS, tick studies in the run's Resume form, transfer them."),
-        transfer_flow.to_deployment(
-            name="transfer", parameters=common, tags=["adit"],
-            description="Transfer studies by StudyInstanceUID."),
-        query_flow.to_deployment(
-            name="query", parameters=common, tags=["adit"],
-            description="Search a PACS; the result is a table artifact."),
-        batch_query_flow.to_deployment(
-            name="batch-query", parameters=common, tags=["adit"],
-            description="Look up every row of a CSV/Excel batch (path or pasted CSV)."),
-        batch_transfer_flow.to_deployment(
-            name="batch-transfer", parameters=common, tags=["adit"],
-            description="Transfer the studies of a CSV/Excel batch (path or pasted CSV)."),
-        continuous_transfer_flow.to_deployment(
-            name="continuous", parameters=common, tags=["adit"],
-            description="Keep a destination in sync for a cohort (run it on a schedule)."),
+        flow.to_deployment(name=name, parameters=common, tags=["adit"], description=text)
+        for flow, name, text in served
     ] + [
         continuous_transfer_flow.to_deployment(
             name=f"continuous-{job.job}", cron=job.cron, tags=["adit", "continuous"],

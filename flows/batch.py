@@ -28,7 +28,14 @@ from adit_tasks.core.results import StudyJob, StudyResult
 from adit_tasks.core.tables import check_table_path, write_table
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.runs import Progress, publish_table, run_in_windows, schedule_again, transfer_jobs
+from adit_tasks.runs import (
+    Progress,
+    publish_table,
+    results_in_order,
+    run_in_windows,
+    schedule_again,
+    transfer_jobs,
+)
 from adit_tasks.tasks import query_rows_task, with_retries
 
 ROWS_PER_TASK = 50  # a task run per chunk keeps orchestration small against the work
@@ -69,12 +76,10 @@ def batch_query_flow(
 
     def run_round(pending: list[list[BatchRow]]) -> list[list[Result] | OutsideWindow]:
         nonlocal answered
-        futures = [task.with_options(task_run_name=f"rows-{chunk[0].row}-{chunk[-1].row}")
-                   .submit(conn, gate, chunk, level) for chunk in pending]
+        calls = [(f"rows-{chunk[0].row}-{chunk[-1].row}", (conn, gate, chunk, level))
+                 for chunk in pending]
         outcomes: list[list[Result] | OutsideWindow] = []
-        for chunk, future in zip(pending, futures, strict=True):
-            future.wait()
-            answer = future.state.result(raise_on_failure=False)
+        for chunk, answer in zip(pending, results_in_order(task, calls), strict=True):
             if isinstance(answer, OutsideWindow):
                 outcomes.append(answer)
                 continue

@@ -227,6 +227,30 @@ def _text(ds: Dataset, key: str) -> str:
     return str(value).strip()
 
 
+_UIDS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
+_COUNTS = {"NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
+_NUMBERS = {"SeriesNumber", "InstanceNumber"}  # IS: read raw, shown as sent
+
+
+def _answer(ds: Dataset, result: type, skip: type | None = None) -> dict[str, Any]:
+    """The fields of a typed result read from a C-FIND answer, each checked by its kind:
+    UIDs well-formed or '', counts as numbers or None, the rest as text."""
+    skipped = {f.name for f in fields(skip)} if skip else set()
+    values: dict[str, Any] = {}
+    for f in fields(result):
+        if f.name in skipped:
+            continue
+        if f.name in _UIDS:
+            values[f.name] = _uid(ds, f.name)
+        elif f.name in _COUNTS:
+            values[f.name] = _int(ds, f.name)
+        elif f.name in _NUMBERS:
+            values[f.name] = raw_value(ds, f.name)
+        else:
+            values[f.name] = _text(ds, f.name)
+    return values
+
+
 def _uid(ds: Dataset, key: str) -> str:
     """A UID from a peer's answer, '' when missing or malformed (never used as sent)."""
     value = raw_value(ds, key)
@@ -260,8 +284,7 @@ def find_patients(conn: Connection, query: Query) -> list[Patient]:
     results = []
     for ds in find_datasets(conn, _identifier(query, Level.PATIENT), patient_root=True,
                             limit=query.limit):
-        p = Patient(_text(ds, "PatientID"), _text(ds, "PatientName"),
-                    _text(ds, "PatientBirthDate"), _text(ds, "PatientSex"))
+        p = Patient(**_answer(ds, Patient))
         if query.birth_date and p.PatientBirthDate and p.PatientBirthDate != query.birth_date:
             continue
         results.append(p)
@@ -273,18 +296,7 @@ def find_studies(conn: Connection, query: Query) -> list[Study]:
     patient_root = conn.node.query_root == "patient" and bool(query.patient_id)
     studies = []
     for ds in find_datasets(conn, _identifier(query, Level.STUDY), patient_root=patient_root):
-        study = Study(
-            PatientID=_text(ds, "PatientID"),
-            PatientName=_text(ds, "PatientName"),
-            PatientBirthDate=_text(ds, "PatientBirthDate"),
-            StudyDate=_text(ds, "StudyDate"),
-            StudyTime=_text(ds, "StudyTime"),
-            ModalitiesInStudy=_text(ds, "ModalitiesInStudy"),
-            StudyDescription=_text(ds, "StudyDescription"),
-            AccessionNumber=_text(ds, "AccessionNumber"),
-            NumberOfStudyRelatedInstances=_int(ds, "NumberOfStudyRelatedInstances"),
-            StudyInstanceUID=_uid(ds, "StudyInstanceUID"),
-        )
+        study = Study(**_answer(ds, Study))
         if not study.StudyInstanceUID:
             logger.warning("%s: a C-FIND result without a valid StudyInstanceUID was left out",
                            conn.node.name)
@@ -355,14 +367,7 @@ def find_series(conn: Connection, query: Query, *, parent: Study | None = None) 
                     series_description=query.series_description,
                     series_number=query.series_number)
         for ds in find_datasets(conn, _identifier(sub, Level.SERIES)):
-            series = Series(
-                **as_row(study),
-                SeriesInstanceUID=_uid(ds, "SeriesInstanceUID"),
-                SeriesNumber=raw_value(ds, "SeriesNumber"),
-                SeriesDescription=_text(ds, "SeriesDescription"),
-                Modality=_text(ds, "Modality"),
-                NumberOfSeriesRelatedInstances=_int(ds, "NumberOfSeriesRelatedInstances"),
-            )
+            series = Series(**{**as_row(study), **_answer(ds, Series, skip=Study)})
             if not series.SeriesInstanceUID:
                 logger.warning("%s: a C-FIND result without a valid SeriesInstanceUID was "
                                "left out", conn.node.name)
@@ -395,13 +400,9 @@ def find_instances(conn: Connection, study_uid: str, series_uid: str = "") -> It
     """Image-level C-FIND (study root) of one study or series."""
     query = Query(level=Level.IMAGE, study_uid=study_uid, series_uid=series_uid)
     for ds in find_datasets(conn, _identifier(query, Level.IMAGE)):
-        instance = Instance(
-            StudyInstanceUID=_uid(ds, "StudyInstanceUID") or study_uid,
-            SeriesInstanceUID=_uid(ds, "SeriesInstanceUID"),
-            SOPInstanceUID=_uid(ds, "SOPInstanceUID"),
-            SOPClassUID=_uid(ds, "SOPClassUID"),
-            InstanceNumber=raw_value(ds, "InstanceNumber"),
-        )
+        answer = _answer(ds, Instance)
+        instance = Instance(**{**answer, "StudyInstanceUID": answer["StudyInstanceUID"]
+                               or study_uid})
         if instance.SOPInstanceUID and instance.StudyInstanceUID == study_uid:
             yield instance
         else:
