@@ -13,6 +13,16 @@ CT/MR storage on a free loopback port, holding `datasets` in memory. Options:
 * ``delay_per_instance``: seconds to wait before each C-STORE sub-operation.
 * ``move_destinations``: {AE title: (host, port)} for C-MOVE.
 * ``omit_move_originator``: C-MOVE sub-operations carry no Move Originator Message ID.
+* ``hold``: a `threading.Event`; C-GET/C-MOVE send nothing until it is set (`move_requested`
+  is set as soon as a C-MOVE request arrived), so a test can act while a retrieval is pending.
+* ``storage_classes``: the storage SOP classes served (default CT and MR Image).
+* ``list_sop_classes=False``: image-level C-FIND answers leave out SOPClassUID (as dcmqrscp).
+* ``store_status`` / ``store_comment``: the status (and ErrorComment) every C-STORE to this
+  SCP is answered with, e.g. 0xA900 to refuse everything.
+
+Sub-operations send each data set in the transfer syntax of its file meta when a context in
+that syntax was accepted, else (pynetdicom) re-encoded into an accepted uncompressed one: an
+SCP that converts what it stores when the peer did not offer the stored syntax.
 
 The SCP always counts associations: `max_concurrent` is the largest number that were
 established at the same time, `aborted` how many ended in an A-ABORT.
@@ -26,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Self
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_RELEASE_RQ
@@ -90,6 +101,11 @@ class MisbehavingSCP:
         delay_per_instance: float = 0.0,
         move_destinations: Mapping[str, tuple[str, int]] | None = None,
         omit_move_originator: bool = False,
+        hold: threading.Event | None = None,
+        storage_classes: Sequence[str] = (CTImageStorage, MRImageStorage),
+        list_sop_classes: bool = True,
+        store_status: int = 0x0000,
+        store_comment: str = "",
     ) -> None:
         self.datasets = list(datasets)
         self.ae_title = ae_title
@@ -101,6 +117,13 @@ class MisbehavingSCP:
         self.delay_per_instance = delay_per_instance
         self.move_destinations = dict(move_destinations or {})
         self.omit_move_originator = omit_move_originator
+        self.hold = hold
+        self.move_requested = threading.Event()
+        self.storage_classes = list(storage_classes)
+        self.list_sop_classes = list_sop_classes
+        self.store_status = store_status
+        self.store_comment = store_comment
+        self.get_requests: list[Dataset] = []  # identifiers of the C-GET requests received
         self.port = 0
         self.stored: list[Dataset] = []  # what peers sent us by C-STORE
         self.sent: list[str] = []  # SOPInstanceUIDs of C-GET/C-MOVE sub-ops answered by the peer
@@ -125,7 +148,7 @@ class MisbehavingSCP:
                       StudyRootQueryRetrieveInformationModelGet,
                       StudyRootQueryRetrieveInformationModelMove):
             ae.add_supported_context(model, _SYNTAXES)
-        for storage in (CTImageStorage, MRImageStorage):
+        for storage in self.storage_classes:
             # scu_role/scp_role: accept the peer's role selection for C-GET sub-operations
             ae.add_supported_context(storage, _SYNTAXES, scu_role=True, scp_role=True)
             ae.add_requested_context(storage, _SYNTAXES)  # for C-MOVE sub-associations
@@ -213,8 +236,11 @@ class MisbehavingSCP:
         for ds in self.datasets:
             ok = True
             for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-                wanted = str(identifier.get(key, "") or "")
-                if wanted and wanted != "*" and wanted not in str(ds.get(key, "")).split("\\"):
+                value = identifier.get(key, "") or ""
+                # A UID list (list matching, PS3.4 C.2.2.2.2) matches any of its values.
+                wanted = ([str(v) for v in value] if isinstance(value, MultiValue | list)
+                          else [str(value)] if str(value) not in ("", "*") else [])
+                if wanted and str(ds.get(key, "")) not in wanted:
                     ok = False
             if ok:
                 found.append(ds)
@@ -249,6 +275,8 @@ class MisbehavingSCP:
                 result.SpecificCharacterSet = first.SpecificCharacterSet
             result.QueryRetrieveLevel = level
             for elem in identifier:
+                if elem.keyword == "SOPClassUID" and not self.list_sop_classes:
+                    continue
                 if elem.keyword in first and elem.keyword != "QueryRetrieveLevel":
                     result[elem.tag] = first[elem.tag]
                 elif elem.keyword:
@@ -270,6 +298,8 @@ class MisbehavingSCP:
             yield 0xA700, None
             return
         yield len(matches)
+        if self.hold is not None:
+            self.hold.wait(30)
         to_send = matches[: max(len(matches) - self.fail_subops, 0)]
         for index, ds in enumerate(to_send):
             if can_abort and self.abort_after is not None and index >= self.abort_after:
@@ -293,10 +323,13 @@ class MisbehavingSCP:
             yield 0xB000, failed
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        with self._lock:
+            self.get_requests.append(event.identifier)
         self._stall()
         yield from self._sub_operations(event, can_abort=True)
 
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        self.move_requested.set()
         destination = self.move_destinations.get(str(event.move_destination).strip())
         if destination is None:
             yield None, None
@@ -304,7 +337,13 @@ class MisbehavingSCP:
         yield destination
         yield from self._sub_operations(event, can_abort=False)
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        if self.store_status:
+            status = Dataset()
+            status.Status = self.store_status
+            if self.store_comment:
+                status.ErrorComment = self.store_comment
+            return status
         ds = event.dataset
         ds.file_meta = event.file_meta
         with self._lock:

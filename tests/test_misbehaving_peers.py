@@ -238,9 +238,9 @@ def test_concurrent_moves_route_each_study_to_its_stream(
     seen_ids: list[int | None] = []
     find_route = receiver._find_route
 
-    def recording_find_route(msg_id: int | None, instance: DicomInstance) -> object:
+    def recording_find_route(msg_id: int | None, *args: object) -> object:
         seen_ids.append(msg_id)
-        return find_route(msg_id, instance)
+        return find_route(msg_id, *args)
 
     monkeypatch.setattr(receiver, "_find_route", recording_find_route)
     with MisbehavingSCP(study_a + study_b, delay_per_instance=0.1,

@@ -90,8 +90,11 @@ class ServerNode(_Strict):
     # sends from other addresses (a cluster, NAT) lists them: IP addresses or networks such
     # as "10.1.2.0/24". ["any"] checks the AE title (and the Move Originator Message ID) only.
     move_sender_addresses: list[str] = Field(default_factory=list)
+    # The calling AE title of those C-STOREs, for a PACS that sends under another AE title
+    # than `ae_title` (default: `ae_title`).
+    move_sender_ae_title: str | None = None
 
-    @field_validator("ae_title")
+    @field_validator("ae_title", "move_sender_ae_title")
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)

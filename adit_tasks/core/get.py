@@ -1,52 +1,88 @@
-"""C-GET: retrieve a study or selected series over one association, as a stream of instances.
+"""C-GET: retrieve a study or selected series as a stream of instances, each exactly as stored.
 
 C-GET needs no inbound port, so it is the first choice where a PACS supports it.
 
-Presentation contexts: when the study's SOP classes are known (from an image-level C-FIND),
-each SOP class is offered with the uncompressed syntaxes in one context and every compressed
-syntax in a context of its own. The PACS then finds a context in the exact syntax it stores and
-sends the instance unchanged. (Orthanc picks the context in the stored syntax; DCMTK
-`dcmqrscp` 3.6.7 uses the first accepted context of the SOP class and fails the sub-operation
-when it cannot convert to it, so from dcmqrscp C-GET and C-MOVE deliver uncompressed
-instances and report compressed ones as a shortfall.) When the SOP classes are unknown
-(dcmqrscp returns no SOPClassUID at image level) we offer the common classes with the common
-compressed syntaxes, and all other storage classes uncompressed, within the 128-context limit.
+Syntax-exact retrieval. The PACS sends each instance on one of the presentation contexts we
+proposed; when none has the syntax it stores, a transcoding PACS (Orthanc) converts the
+instance (JPEG-LS near-lossless to Explicit VR Little Endian, say) and reports success. So a
+SOP class is only ever offered "fully": one context per transfer syntax pydicom knows
+(`TRANSFER_SYNTAXES`, uncompressed first: DCMTK `dcmqrscp` uses the first accepted context of
+a class and fails the sub-operation when it cannot convert), and an instance counts as
+delivered only when it arrived on a fully offered class. One association holds 126 storage
+contexts, i.e. `FULL_CLASSES_PER_ASSOCIATION` (3) fully offered classes, so:
+
+1. SOP classes known (from the caller's image-level C-FIND) and at most 3: one association,
+   study- or series-level C-GET, as ever. The common case.
+2. Otherwise the first association also lists the instances (an image-level C-FIND on the
+   same association: SOP Instance UID, SOP class, series, and AvailableTransferSyntaxUID for
+   PACS that say how they store an instance). The classes are grouped three by three; each
+   group gets an association of its own, with series-level C-GETs for series made only of the
+   group's classes and image-level C-GETs (lists of SOP Instance UIDs) for mixed series.
+3. Where the PACS does not tell the classes (dcmqrscp lists no SOPClassUID), the first
+   association offers CT and MR fully and as many other storage classes as fit uncompressed
+   only (as before). An instance that arrives on such a partly offered class may have been
+   converted: it is not delivered but fetched again by an image-level C-GET on an association
+   that offers its (now known) class fully. Such PACS cost a second transfer of those
+   instances; nothing converted is ever delivered as if it were the stored data.
+
+Where the PACS lists an instance's AvailableTransferSyntaxUID, an instance that arrives in
+another syntax is put aside (`Rejected`, a permanent failure of that instance with its
+reason). A syntax pydicom does not know cannot be offered, and a PACS that stores one and
+converts without saying so cannot be detected (no PACS here does). Instances that fail the
+arrival checks (`DicomInstance.from_bytes`), belong to another study or series, or carry
+another SOP class than their presentation context are put aside the same way.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pynetdicom import build_context, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pydicom import config as pydicom_config
+from pydicom.datadict import tag_for_keyword
+from pydicom.uid import UID
+from pynetdicom import Association, build_context, build_role, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from adit_tasks.core.association import MAX_CONTEXTS, Connection
+from adit_tasks.core.errors import IncompleteRetrieval, InvalidInstance
 from adit_tasks.core.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     UNCOMPRESSED,
     DicomInstance,
     InstanceStream,
+    Rejected,
     StreamClosed,
 )
 from adit_tasks.core.status import (
     SubOperations,
     check_retrieve_outcome,
     check_retrieve_status,
+    check_status,
 )
 
 logger = logging.getLogger(__name__)
 
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
+# Two query/retrieve contexts (C-GET and C-FIND) leave 126 for storage: 3 classes x 39 syntaxes.
+FULL_CLASSES_PER_ASSOCIATION = (MAX_CONTEXTS - 2) // len(TRANSFER_SYNTAXES)
+UIDS_PER_REQUEST = 200  # SOP Instance UIDs in one image-level C-GET identifier
 
-
-# Where the study's SOP classes are unknown, these get contexts of their own for the common
-# compressed syntaxes; every other storage class is offered uncompressed only.
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+# Where the study's SOP classes are unknown, these are offered first (uncompressed only).
 _COMMON_CLASSES = [
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
-    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    CT_IMAGE,
+    MR_IMAGE,
     "1.2.840.10008.5.1.4.1.1.1",  # CR Image
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray (presentation)
     "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography (presentation)
@@ -55,55 +91,49 @@ _COMMON_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
     "1.2.840.10008.5.1.4.1.1.128",  # PET Image
     "1.2.840.10008.5.1.4.1.1.20",  # NM Image
-]
-_COMMON_COMPRESSED = [
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
 ]
 
 
-def storage_contexts(sop_classes: Iterable[str] | None, room: int) -> list:
-    """Storage contexts for at most `room` contexts (see the module docstring)."""
-    compressed = [ts for ts in TRANSFER_SYNTAXES if ts not in UNCOMPRESSED]
-    known = sorted(set(sop_classes or ()))
-    if known and len(known) * (1 + len(compressed)) <= room:
-        contexts = []
-        for uid in known:
-            contexts.append(build_context(uid, UNCOMPRESSED))
-            contexts.extend(build_context(uid, ts) for ts in compressed)
-        return contexts
-    # A context with several syntaxes lets the PACS pick one it cannot convert to, so each
-    # compressed syntax gets its own context, for the common classes only. Uncompressed
-    # contexts come first: DCMTK uses the first accepted context of a SOP class.
-    common = known + [c for c in _COMMON_CLASSES if c not in known]
-    classes = common + [c for c in STORAGE_SOP_CLASSES if c not in common]
-    contexts = [build_context(uid, UNCOMPRESSED) for uid in classes]
-    compressed_room = max(0, room - len(contexts))
-    extra = [build_context(uid, ts) for uid in common for ts in _COMMON_COMPRESSED]
-    if compressed_room < len(extra):  # make room: drop the rarest uncompressed classes
-        keep = room - min(len(extra), room // 2)
-        contexts = contexts[:keep]
-        compressed_room = room - keep
-    return (contexts + extra[:compressed_room])[:room]
+def full_contexts(sop_classes: Iterable[str]) -> list[PresentationContext]:
+    """Each class with one context per transfer syntax: the PACS can always send as stored."""
+    return [build_context(uid, ts) for uid in sop_classes for ts in TRANSFER_SYNTAXES]
 
 
-def retrieve_identifier(study_uid: str, series_uid: str = "") -> Dataset:
-    """The C-GET/C-MOVE identifier of a study, or of one of its series."""
+def storage_contexts(full: Sequence[str], room: int, *, partial: bool = True
+                     ) -> list[PresentationContext]:
+    """`full` offered fully, then (if `partial`) other storage classes uncompressed only, as
+    many as fit in `room` contexts."""
+    contexts = full_contexts(full)
+    if partial:
+        others = [uid for uid in dict.fromkeys(_COMMON_CLASSES + STORAGE_SOP_CLASSES)
+                  if uid not in full]
+        contexts += [build_context(uid, UNCOMPRESSED) for uid in others]
+    return contexts[:room]
+
+
+def retrieve_identifier(study_uid: str, series_uid: str = "",
+                        sop_instance_uids: Sequence[str] = ()) -> Dataset:
+    """The C-GET/C-MOVE identifier of a study, one of its series, or instances of a series."""
     ds = Dataset()
-    ds.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
+    ds.QueryRetrieveLevel = "IMAGE" if sop_instance_uids else "SERIES" if series_uid else "STUDY"
     ds.StudyInstanceUID = study_uid
     if series_uid:
         ds.SeriesInstanceUID = series_uid
+    if sop_instance_uids:
+        ds.SOPInstanceUID = list(sop_instance_uids)
     return ds
+
+
+def _valid_uids(values: Iterable[str]) -> list[str]:
+    return sorted({v for v in values if v and UID(v, validation_mode=pydicom_config.IGNORE)
+                   .is_valid})
 
 
 @dataclass(frozen=True)
 class CGet:
-    """Retrieval by C-GET over one association (see the module docstring)."""
+    """Retrieval by C-GET (see the module docstring)."""
 
     conn: Connection
     method: str = "c-get"
@@ -113,6 +143,185 @@ class CGet:
         return get_study(self.conn, study_uid, series_uids, sop_classes=sop_classes)
 
 
+# --- the instance listing (image-level C-FIND on the retrieval's first association) ----------
+
+
+@dataclass
+class Listing:
+    """What the PACS lists for the study: per SOP Instance UID its series, class and (when the
+    PACS says) the transfer syntaxes it holds the instance in."""
+
+    series: dict[str, str] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)  # '' where the PACS did not say
+    syntaxes: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def classes_known(self) -> bool:
+        return bool(self.classes) and all(self.classes.values())
+
+
+def _raw_uids(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a UI attribute as sent, without pydicom's validation (whose warnings would
+    print the value); malformed ones are left out."""
+    elem = ds.get_item(tag_for_keyword(keyword))
+    if elem is None or elem.value is None:
+        return []
+    value = elem.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "ignore")
+    values = value.split("\\") if isinstance(value, str) else [str(v) for v in value]
+    return _valid_uids(v.strip(" \0") for v in values)
+
+
+def list_instances(conn: Connection, assoc: Association, study_uid: str,
+                   series_uids: Sequence[str]) -> Listing:
+    """Image-level C-FIND over `assoc` (it must have the Study Root FIND context)."""
+    listing = Listing()
+    for series_uid in series_uids or [""]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        query.SOPClassUID = ""
+        query.AvailableTransferSyntaxUID = ""
+        for status, ds in assoc.send_c_find(query, FIND_MODEL):
+            code = check_status(conn.node, "C-FIND", status)
+            if code not in (0xFF00, 0xFF01) or ds is None:
+                continue
+            instance = _raw_uids(ds, "SOPInstanceUID")
+            series = _raw_uids(ds, "SeriesInstanceUID") or ([series_uid] if series_uid else [])
+            if len(instance) != 1 or len(series) != 1:
+                continue  # nothing we could ask for by UID
+            sop_class = _raw_uids(ds, "SOPClassUID")
+            listing.series[instance[0]] = series[0]
+            listing.classes[instance[0]] = sop_class[0] if len(sop_class) == 1 else ""
+            syntaxes = _raw_uids(ds, "AvailableTransferSyntaxUID")
+            if syntaxes:
+                listing.syntaxes[instance[0]] = frozenset(syntaxes)
+    return listing
+
+
+# --- planning: which requests go over which association ---------------------------------------
+
+
+@dataclass
+class Round:
+    """One association: the classes it offers fully and the C-GET requests sent over it."""
+
+    full: tuple[str, ...]
+    requests: list[Dataset]
+
+
+def _requests(study_uid: str, members: dict[str, list[str]], wanted: set[str],
+              level: str) -> list[Dataset]:
+    """Requests for the `wanted` instances: with `level` STUDY, one study-level request when
+    every listed instance is wanted; with STUDY or SERIES, series-level requests for wholly
+    wanted series; image-level requests (chunked lists) for the rest."""
+    if level == "STUDY" and all(uid in wanted for uids in members.values() for uid in uids):
+        return [retrieve_identifier(study_uid)]
+    requests = []
+    for series_uid, uids in members.items():
+        chosen = [uid for uid in uids if uid in wanted]
+        if not chosen:
+            continue
+        if level != "IMAGE" and len(chosen) == len(uids):
+            requests.append(retrieve_identifier(study_uid, series_uid))
+            continue
+        for start in range(0, len(chosen), UIDS_PER_REQUEST):
+            requests.append(retrieve_identifier(study_uid, series_uid,
+                                                chosen[start:start + UIDS_PER_REQUEST]))
+    return requests
+
+
+def plan_rounds(study_uid: str, classes: dict[str, str], series: dict[str, str],
+                first: Sequence[str], level: str) -> list[Round]:
+    """Rounds for instances of known classes (`classes` and `series` by SOP Instance UID, all
+    the instances of the study, or of its series asked for, unless `level` is IMAGE): the
+    first round offers the classes of `first` that occur (it reuses the first association),
+    then the others three by three, most frequent first."""
+    counts = Counter(classes.values())
+    head = tuple(c for c in first if c in counts)
+    rest = [c for c, _ in counts.most_common() if c not in head]
+    n = FULL_CLASSES_PER_ASSOCIATION
+    groups = ([head] if head else []) + [tuple(rest[i:i + n]) for i in range(0, len(rest), n)]
+    members: dict[str, list[str]] = {}
+    for uid in sorted(classes):
+        members.setdefault(series[uid], []).append(uid)
+    rounds = []
+    for group in groups:
+        wanted = {uid for uid, c in classes.items() if c in group}
+        rounds.append(Round(group, _requests(study_uid, members, wanted, level)))
+    return rounds
+
+
+# --- receiving --------------------------------------------------------------------------------
+
+
+class _Receiving:
+    """The C-STORE side of a C-GET: checks each instance and hands it to the stream."""
+
+    def __init__(self, study_uid: str, series_uids: Sequence[str],
+                 put: Callable[[DicomInstance | Rejected], None]) -> None:
+        self.study_uid = study_uid
+        self.series_uids = set(series_uids)
+        self.put = put
+        self.full: frozenset[str] = frozenset()  # classes the current association offers fully
+        self.listed_syntaxes: dict[str, frozenset[str]] = {}
+        self.received = 0  # every instance the PACS sent (its sub-operations)
+        self.arrived: set[str] = set()  # SOP Instance UIDs that arrived at all
+        self.delivered: set[str] = set()
+        self.deferred: dict[str, tuple[str, str]] = {}  # uid -> (series, class): fetch again
+        self.rejected = 0
+        self.unreadable = 0  # rejected before their SOP Instance UID was known
+
+    def _check(self, event: evt.Event) -> DicomInstance | Rejected | None:
+        """The instance to deliver, Rejected, or None when it is to be fetched again."""
+        try:
+            instance = DicomInstance.from_bytes(event.encoded_dataset())
+        except InvalidInstance as exc:
+            self.unreadable += 1
+            return Rejected(str(exc))
+        self.arrived.add(instance.sop_instance_uid)
+        if instance.study_uid != self.study_uid or (
+                self.series_uids and instance.series_uid not in self.series_uids):
+            return Rejected("an instance of another study or series than the one asked for")
+        if instance.sop_class_uid != event.context.abstract_syntax:
+            return Rejected("the SOP class differs from the presentation context it came on")
+        listed = self.listed_syntaxes.get(instance.sop_instance_uid)
+        if listed and instance.transfer_syntax_uid not in listed:
+            return Rejected(
+                f"arrived in {instance.transfer_syntax.name}, though the server lists it as "
+                "stored in another transfer syntax (converted on the way)")
+        if instance.sop_class_uid not in self.full:
+            # Its class was offered in some syntaxes only: the PACS may have converted it.
+            if instance.sop_instance_uid in self.delivered:
+                return None  # it came in its stored syntax before
+            self.deferred[instance.sop_instance_uid] = (instance.series_uid,
+                                                        instance.sop_class_uid)
+            return None
+        return instance
+
+    def on_store(self, event: evt.Event) -> int:
+        item = self._check(event)
+        try:
+            if isinstance(item, Rejected):
+                self.rejected += 1
+                self.put(item)
+            elif item is not None and item.sop_instance_uid not in self.delivered:
+                self.deferred.pop(item.sop_instance_uid, None)
+                self.delivered.add(item.sop_instance_uid)
+                self.put(item)
+        except StreamClosed:
+            # The consumer is gone: stop the PACS sending more. Without the zero timeout
+            # pynetdicom would wait a full DIMSE timeout for a message after the abort.
+            event.assoc.dimse_timeout = 0
+            event.assoc.abort()
+            raise
+        self.received += 1
+        return 0x0000
+
+
 def get_study(
     conn: Connection,
     study_uid: str,
@@ -120,42 +329,84 @@ def get_study(
     *,
     sop_classes: Iterable[str] | None = None,
 ) -> InstanceStream:
-    """Stream the instances of a study (or of the given series) by C-GET."""
+    """Stream the instances of a study (or of the given series) by C-GET, each in the syntax
+    the PACS stores it in (see the module docstring)."""
     series = list(series_uids)
-    model = StudyRootQueryRetrieveInformationModelGet
-    contexts = [build_context(model), *storage_contexts(sop_classes, MAX_CONTEXTS - 1)]
-    roles = [build_role(uid, scp_role=True)
-             for uid in dict.fromkeys(cx.abstract_syntax for cx in contexts[1:])]
+    known = _valid_uids(sop_classes or ())
+    single = 0 < len(known) <= FULL_CLASSES_PER_ASSOCIATION
+    first_full = tuple(known if single else known[:FULL_CLASSES_PER_ASSOCIATION]
+                       or (CT_IMAGE, MR_IMAGE))
 
-    def produce(put: Callable[[DicomInstance], None]) -> None:
-        received = 0
-
-        def on_store(event: evt.Event) -> int:
-            nonlocal received
-            instance = DicomInstance.from_bytes(event.encoded_dataset())
-            try:
-                put(instance)
-            except StreamClosed:
-                # The consumer is gone: stop the PACS sending more. Without the zero timeout
-                # pynetdicom would wait a full DIMSE timeout for a message after the abort.
-                event.assoc.dimse_timeout = 0
-                event.assoc.abort()
-                raise
-            received += 1
-            return 0x0000
-
-        handlers = [(evt.EVT_C_STORE, on_store)]
+    def produce(put: Callable[[DicomInstance | Rejected], None]) -> None:
+        receiving = _Receiving(study_uid, series, put)
         total = SubOperations()
-        with conn.associate(contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
-            for series_uid in series or [""]:
+
+        def run(assoc: Association, round_: Round) -> None:
+            nonlocal total
+            receiving.full = frozenset(round_.full)
+            for identifier in round_.requests:
                 subops = SubOperations()
-                identifier = retrieve_identifier(study_uid, series_uid)
-                for status, _ in assoc.send_c_get(identifier, model):
+                for status, _ in assoc.send_c_get(identifier, GET_MODEL):
                     if status:
                         subops.update(status)
-                    check_retrieve_status(conn.node, "C-GET", status, received, subops)
+                    check_retrieve_status(conn.node, "C-GET", status, receiving.received,
+                                          subops)
                 total += subops
-        check_retrieve_outcome(conn.node, "C-GET", received, total)
-        logger.info("%s: C-GET delivered %d instances", conn.node.name, received)
+
+        def associate(full: Sequence[str], *, find: bool = False, partial: bool = False):
+            models = [build_context(GET_MODEL)] + ([build_context(FIND_MODEL)] if find else [])
+            contexts = models + storage_contexts(full, MAX_CONTEXTS - len(models),
+                                                 partial=partial)
+            roles = [build_role(uid, scp_role=True)
+                     for uid in dict.fromkeys(cx.abstract_syntax for cx in contexts[len(models):])]
+            return conn.associate(contexts, ext_neg=roles,
+                                  evt_handlers=[(evt.EVT_C_STORE, receiving.on_store)])
+
+        whole = [retrieve_identifier(study_uid, s) for s in series or [""]]
+        listing: Listing | None = None
+        rounds: list[Round] = []
+        with associate(first_full, find=not single, partial=not single) as assoc:
+            if single:
+                run(assoc, Round(first_full, whole))
+            else:
+                if any(cx.abstract_syntax == FIND_MODEL for cx in assoc.accepted_contexts):
+                    listing = list_instances(conn, assoc, study_uid, series)
+                    receiving.listed_syntaxes = listing.syntaxes
+                if listing is not None and listing.classes_known:
+                    rounds = plan_rounds(study_uid, listing.classes, listing.series,
+                                         first_full, "SERIES" if series else "STUDY")
+                    if len(rounds) > 1:
+                        logger.info("%s: %d SOP classes need %d associations to be offered "
+                                    "in every transfer syntax", conn.node.name,
+                                    len(set(listing.classes.values())), len(rounds))
+                    if rounds and set(rounds[0].full) <= set(first_full):
+                        run(assoc, rounds.pop(0))
+                else:
+                    run(assoc, Round(first_full, whole))  # classes unknown: see step 3
+        for round_ in rounds:
+            with associate(round_.full) as assoc:
+                run(assoc, round_)
+        if receiving.deferred:
+            deferred = dict(receiving.deferred)
+            logger.info("%s: %d instances arrived in a SOP class not offered in every transfer "
+                        "syntax; fetching them again so they arrive as stored",
+                        conn.node.name, len(deferred))
+            again = plan_rounds(study_uid, {u: c for u, (_, c) in deferred.items()},
+                                {u: s for u, (s, _) in deferred.items()}, (), "IMAGE")
+            for round_ in again:
+                with associate(round_.full) as assoc:
+                    run(assoc, round_)
+        check_retrieve_outcome(conn.node, "C-GET", receiving.received, total)
+        missing = set(receiving.deferred)
+        if listing is not None and listing.classes_known:
+            missing |= set(listing.classes) - receiving.arrived
+        if len(missing) > receiving.unreadable:  # an unreadable one may be one of them
+            raise IncompleteRetrieval(
+                f"{conn.node.name}: C-GET did not deliver {len(missing)} instances asked for "
+                "by SOP Instance UID", expected=receiving.received + len(missing),
+                received=receiving.received)
+        logger.info("%s: C-GET delivered %d instances%s", conn.node.name,
+                    len(receiving.delivered),
+                    f" ({receiving.rejected} put aside)" if receiving.rejected else "")
 
     return InstanceStream(produce, name=f"c-get-{conn.node.name}")

@@ -1,6 +1,8 @@
 """C-MOVE: ask the PACS to send a study (or series) to our receiver, as a stream of instances.
 
 The PACS must know our AE title (`ae_title` in the settings) with the receiver's host and port.
+The receiver takes only what this C-MOVE asked for, from the node it was sent to (its AE title
+and addresses, adit_tasks.core.receiver).
 The final C-MOVE response only comes after the PACS got our answer to its last C-STORE, and we
 answer each C-STORE only after the instance was handed to the stream, so when the final
 response arrives every instance of this retrieval is in the stream.
@@ -18,7 +20,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from adit_tasks.core.association import Connection
 from adit_tasks.core.get import retrieve_identifier
-from adit_tasks.core.instances import DicomInstance, InstanceStream, StreamClosed
+from adit_tasks.core.instances import DicomInstance, InstanceStream, Rejected, StreamClosed
 from adit_tasks.core.receiver import Receiver
 from adit_tasks.core.status import SubOperations, check_retrieve_outcome, check_retrieve_status
 
@@ -48,18 +50,19 @@ def move_study(
     series = list(series_uids)
     model = StudyRootQueryRetrieveInformationModelMove
 
-    def produce(put: Callable[[DicomInstance], None]) -> None:
+    def produce(put: Callable[[DicomInstance | Rejected], None]) -> None:
         total = SubOperations()
         consumer_gone = threading.Event()
 
-        def put_or_flag(instance: DicomInstance) -> None:
+        def put_or_flag(instance: DicomInstance | Rejected) -> None:
             try:
                 put(instance)
             except StreamClosed:
                 consumer_gone.set()
                 raise
 
-        with receiver.route(study_uid, frozenset(series), put_or_flag) as (msg_id, route), \
+        with receiver.route(study_uid, frozenset(series), put_or_flag,
+                            conn.node) as (msg_id, route), \
                 conn.associate([build_context(model)]) as assoc:
             for series_uid in series or [""]:
                 subops = SubOperations()

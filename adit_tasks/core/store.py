@@ -1,11 +1,22 @@
-"""C-STORE: send a stream of instances to a DICOM server over one association.
+"""C-STORE: send a stream of instances to a DICOM server, each in its own transfer syntax.
 
-A stream does not say up front which SOP classes and transfer syntaxes it will carry, so the
-association is opened for what the first instance needs, and reopened with the union whenever
-an instance needs a (SOP class, transfer syntax) pair the server has not accepted yet. Most
-studies need one or two associations. Each instance is sent in its own transfer syntax; a
-server that does not accept it gets it in an uncompressed syntax only if the instance is
-uncompressed (lossless re-encoding), otherwise the instance is reported as failed.
+A stream does not say up front which SOP classes and transfer syntaxes it will carry. The
+next instances (up to `LOOKAHEAD` of them, `LOOKAHEAD_BYTES` at most) are looked at before an
+association is opened, and it is opened for their (SOP class, transfer syntax) pairs plus the
+pairs used before, as many as fit in 128 presentation contexts. When an instance needs a pair
+the association was not opened for, it is released and the next one opened, so any number of
+pairs goes through, over as many associations as needed; most studies need one.
+
+Each pair gets a context of its own, so the server accepts or refuses each one on its own. An
+instance is sent in the syntax it arrived in; an uncompressed one (Explicit or Implicit VR
+Little Endian) may be re-encoded losslessly into the other if the server takes only that one.
+Nothing else is converted: an instance whose pair the server refused is recorded as refused.
+
+Outcomes per instance (`StoreResult`): stored; refused for good (`refused`: a failure status
+other than 'out of resources', with the status code and the server's comment, or a pair the
+server did not accept) - retrying cannot help, the transfer fails with `DestinationRefused`;
+'out of resources' (0xA7xx) raises PacsBusy, and no response DimseTimeout: the whole study is
+retried later.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import contextlib
 import io
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,35 +36,86 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from adit_tasks.core.association import MAX_CONTEXTS, Connection
-from adit_tasks.core.errors import OperationFailed, PacsBusy
+from adit_tasks.core.errors import DestinationRefused
 from adit_tasks.core.instances import UNCOMPRESSED, DicomInstance
-from adit_tasks.core.status import check_status
+from adit_tasks.core.status import check_store_status
 
 logger = logging.getLogger(__name__)
+
+LOOKAHEAD = 32  # instances looked at before an association is opened
+LOOKAHEAD_BYTES = 64 * 1024 * 1024
+
+Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 
 
 @dataclass
 class StoreResult:
-    """What a C-STORE of a stream achieved."""
+    """What storing a stream achieved.
+
+    `failed` holds every instance that was not stored, with its reason; `refused` the subset
+    the destination refused for good (permanent: the same instance would be refused again).
+    Reasons name status codes, SOP classes and syntaxes, never an instance.
+    """
 
     stored: list[str] = field(default_factory=list)  # SOPInstanceUIDs
     failed: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
+    refused: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
+    @property
+    def permanent(self) -> bool:
+        """True when the destination refused instances for good."""
+        return bool(self.refused)
 
-def _contexts(pairs: set[tuple[str, str]]) -> list:
-    by_class: dict[str, set[str]] = {}
-    for sop_class, ts in pairs:
-        by_class.setdefault(sop_class, set()).add(ts)
-    contexts = []
-    for sop_class, syntaxes in sorted(by_class.items()):
-        # One context per syntax, so the server accepts or refuses each one on its own.
-        for ts in sorted(syntaxes | set(UNCOMPRESSED)):
-            contexts.append(build_context(sop_class, ts))
-    return contexts[:MAX_CONTEXTS]
+    def refuse(self, uid: str, reason: str) -> None:
+        self.refused[uid] = self.failed[uid] = reason
+
+    def summary(self) -> str:
+        """'refused 3 instances: 0xA900 Data Set Does Not Match SOP Class (3)', most frequent
+        reason first; '' when nothing was refused."""
+        if not self.refused:
+            return ""
+        counts = Counter(self.refused.values()).most_common()
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in counts)
+        n = len(self.refused)
+        return f"refused {n} instance{'s' if n != 1 else ''}: {reasons}"
+
+    def error(self, destination: str) -> DestinationRefused | None:
+        """The permanent error for the study, or None when nothing was refused."""
+        if not self.refused:
+            return None
+        return DestinationRefused(f"{destination} {self.summary()}", reason=self.summary())
+
+
+def _pair(instance: DicomInstance) -> Pair:
+    return instance.sop_class_uid, instance.transfer_syntax_uid
+
+
+def _pair_contexts(pair: Pair) -> list:
+    """One context per syntax the pair may be sent in: its own, and for Explicit/Implicit VR
+    Little Endian also the other one (lossless re-encoding)."""
+    sop_class, ts = pair
+    syntaxes = UNCOMPRESSED if ts in UNCOMPRESSED else [ts]
+    return [build_context(sop_class, s) for s in syntaxes]
+
+
+def _contexts(pairs: Iterable[Pair]) -> tuple[list, list[Pair]]:
+    """Contexts for as many of `pairs` (in order) as fit; and the pairs they cover."""
+    contexts: list = []
+    seen: set[tuple[str, str]] = set()
+    covered: list[Pair] = []
+    for pair in pairs:
+        new = [cx for cx in _pair_contexts(pair)
+               if (cx.abstract_syntax, cx.transfer_syntax[0]) not in seen]
+        if len(contexts) + len(new) > MAX_CONTEXTS:
+            continue
+        contexts += new
+        seen |= {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in new}
+        covered.append(pair)
+    return contexts, covered
 
 
 def _accepts(assoc: Association, instance: DicomInstance) -> bool:
@@ -65,32 +128,77 @@ def _accepts(assoc: Association, instance: DicomInstance) -> bool:
     )
 
 
+def _not_accepted(pair: Pair) -> str:
+    sop_class, ts = pair
+    also = " (nor the other uncompressed syntax)" if ts in UNCOMPRESSED else ""
+    return (f"presentation context rejected: {UID(sop_class).name} in {UID(ts).name}"
+            f"{also} not accepted")
+
+
 def store_instances(conn: Connection, instances: Iterable[DicomInstance]) -> StoreResult:
-    """C-STORE every instance of the stream; failures are collected per instance."""
+    """C-STORE every instance of the stream (see the module docstring)."""
     result = StoreResult()
-    pairs: set[tuple[str, str]] = set()
-    tried: set[tuple[str, str]] = set()
     it: Iterator[DicomInstance] = iter(instances)
-    pending: DicomInstance | None = next(it, None)
-    while pending is not None:
-        pairs.add((pending.sop_class_uid, pending.transfer_syntax_uid))
-        with conn.associate(_contexts(pairs)) as assoc, _reactor_paused(assoc):
-            tried |= pairs
-            while pending is not None:
-                key = (pending.sop_class_uid, pending.transfer_syntax_uid)
-                if not _accepts(assoc, pending):
-                    if key not in tried:
-                        break  # reopen with this pair added
-                    result.failed[pending.sop_instance_uid] = (
-                        f"{conn.node.name} accepts neither SOP class {pending.sop_class_uid} "
-                        f"in transfer syntax {pending.transfer_syntax_uid} nor uncompressed"
-                    )
+    ahead: deque[DicomInstance] = deque()
+    used: list[Pair] = []  # pairs proposed before, most recent last
+    tried: set[Pair] = set()  # pairs proposed at least once (refused pairs stay refused)
+    refused_pairs: set[Pair] = set()
+    associations = 0
+
+    def look_ahead() -> None:
+        size = sum(len(i.data) for i in ahead)
+        while len(ahead) < LOOKAHEAD and size < LOOKAHEAD_BYTES:
+            instance = next(it, None)
+            if instance is None:
+                return
+            ahead.append(instance)
+            size += len(instance.data)
+
+    look_ahead()
+    while ahead:
+        look_ahead()
+        wanted = [p for p in dict.fromkeys(_pair(i) for i in ahead) if p not in refused_pairs]
+        if not wanted:  # every instance ahead needs a pair the server refused
+            instance = ahead.popleft()
+            result.refuse(instance.sop_instance_uid, _not_accepted(_pair(instance)))
+            look_ahead()
+            continue
+        before = [p for p in reversed(used) if p not in wanted and p not in refused_pairs]
+        contexts, covered = _contexts(wanted + before)
+        associations += 1
+        with conn.associate(contexts) as assoc, _reactor_paused(assoc):
+            tried |= set(covered)
+            used = [p for p in used if p not in covered] + covered
+            for pair in covered:
+                if not any(_accepts_pair(assoc, pair, s) for s in _syntaxes(pair)):
+                    refused_pairs.add(pair)
+            while ahead:
+                instance = ahead[0]
+                pair = _pair(instance)
+                if pair in refused_pairs:
+                    result.refuse(instance.sop_instance_uid, _not_accepted(pair))
+                elif _accepts(assoc, instance):
+                    _store_one(conn, assoc, instance, result)
                 else:
-                    _store_one(conn, assoc, pending, result)
-                pending = next(it, None)
+                    break  # a pair this association was not opened for: open the next one
+                ahead.popleft()
+                if not ahead:
+                    look_ahead()
+    if associations > 1:
+        logger.info("%s: C-STORE used %d associations for %d SOP class / transfer syntax "
+                    "pairs", conn.node.name, associations, len(tried))
     logger.info("%s: C-STORE stored %d instances, %d refused", conn.node.name,
                 len(result.stored), len(result.failed))
     return result
+
+
+def _syntaxes(pair: Pair) -> list[str]:
+    return UNCOMPRESSED if pair[1] in UNCOMPRESSED else [pair[1]]
+
+
+def _accepts_pair(assoc: Association, pair: Pair, syntax: str) -> bool:
+    return any(cx.abstract_syntax == pair[0] and cx.transfer_syntax[0] == syntax
+               for cx in assoc.accepted_contexts)
 
 
 def dataset_offset(data: bytes) -> int | None:
@@ -162,11 +270,14 @@ def _send(assoc: Association, instance: DicomInstance) -> Dataset | None:
 
 def _store_one(conn: Connection, assoc: Association, instance: DicomInstance,
                result: StoreResult) -> None:
+    """Store one instance; a refusal is recorded, PacsBusy and DimseTimeout propagate (the
+    whole study is retried later)."""
     try:
-        code = check_status(conn.node, "C-STORE", _send(assoc, instance))
-    except PacsBusy:
-        raise  # the whole study is retried later
-    except (OperationFailed, ValueError) as exc:
+        code = check_store_status(conn.node, _send(assoc, instance))
+    except DestinationRefused as exc:
+        result.refuse(instance.sop_instance_uid, exc.reason)
+        return
+    except ValueError as exc:
         result.failed[instance.sop_instance_uid] = str(exc)
         return
     if code != 0x0000:

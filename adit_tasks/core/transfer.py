@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 from adit_tasks.core.errors import (
-    DestinationRefused,
     IncompleteRetrieval,
     InvalidData,
     StudyNotFound,
@@ -138,9 +137,9 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
             raise IncompleteRetrieval(f"{exc}, though C-FIND listed {len(expected)} instances",
                                       expected=len(expected), received=0) from None
     # What arrived is written; now say what went wrong, permanent reasons first.
-    if result.failed:
-        raise DestinationRefused(f"the destination refused {len(result.failed)} instance(s): "
-                                 + _reasons(result.failed.values()))
+    refused = result.error("the destination")
+    if refused is not None:
+        raise refused
     if stream.rejected:
         raise InvalidData(f"{len(stream.rejected)} instance(s) failed the arrival checks and "
                           f"were put aside: {_reasons(stream.rejected)}")
