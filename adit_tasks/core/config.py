@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -203,8 +204,10 @@ Node = Annotated[
 class Settings(BaseSettings):
     """Everything ADIT is configured with; see the README for each key."""
 
+    # extra="ignore": a .env file shared with other tools (PREFECT_API_URL, ...) is fine;
+    # unknown keys of ours are reported by load_settings (_unknown_keys) instead.
     model_config = SettingsConfigDict(
-        env_prefix="ADIT_", env_file=".env", extra="forbid", frozen=True
+        env_prefix="ADIT_", env_file=".env", extra="ignore", frozen=True
     )
 
     nodes_file: Path = DEFAULT_NODES_FILE
@@ -330,6 +333,9 @@ def load_settings(nodes_file: Path | str | None = None) -> Settings:
         if key in data:
             raise ConfigError(f"{path}: field '{key}': secrets are not read from the nodes "
                               f"file; set ADIT_{key.upper()} in the environment or .env")
+    problems = _unknown_keys(path, data)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -337,6 +343,20 @@ def load_settings(nodes_file: Path | str | None = None) -> Settings:
     # The file read is the file recorded, whatever ADIT_NODES_FILE says (an explicit
     # --nodes-file wins over the environment).
     return settings.model_copy(update={"nodes_file": path})
+
+
+def _unknown_keys(path: Path, data: dict[str, Any]) -> list[str]:
+    """Keys of ours that mean nothing: in the nodes file, and ADIT_* variables in the
+    environment or `.env` (other variables there belong to other tools)."""
+    known = set(Settings.model_fields)
+    problems = [f"{path}: field '{key}': unknown key" for key in data if key not in known]
+    variables = set(os.environ)
+    if Path(".env").is_file():
+        variables |= {k for k in dotenv_values(".env") if k}
+    for name in sorted(variables):
+        if name.upper().startswith("ADIT_") and name[5:].lower() not in known:
+            problems.append(f"the environment or .env: variable '{name}': unknown key")
+    return problems
 
 
 def _describe(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
