@@ -13,7 +13,8 @@ warm-up, ``--repeat`` runs of each scenario (plain Python, no Prefect):
 Every run starts empty (a fresh folder/archive, the destination Orthanc cleared) and is
 checked for completeness. Prints a table with seconds, images/s, MB/s and the ratio to the
 matching DCMTK baseline, then a cProfile of one pseudonymized folder transfer and an
-offline breakdown of the pseudonymization steps.
+offline breakdown of the pseudonymization steps: the cost per instance of the pseudonymizer
+(cleaning) and of the leak check every instance passes before it leaves.
 
 Run: ``.venv/bin/python benchmarks/transfer.py [--instances 150] [--repeat 3]``
 """
@@ -42,6 +43,7 @@ from pathlib import Path
 import py7zr
 from pydicom import dcmread, dcmwrite
 
+from adit_tasks.core import verify as verify_module
 from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
 from adit_tasks.core.config import RetryPolicy, Settings
@@ -52,6 +54,7 @@ from adit_tasks.core.pseudonymize import Pseudonymizer
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, Sink, series_folder
 from adit_tasks.core.transfer import transfer_study
+from adit_tasks.core.verify import verify
 from adit_tasks.lab.servers import OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, write_study
 
@@ -311,25 +314,26 @@ def profile_pseudonymized_folder(lab: Lab, top: int = 15) -> None:
     print("Pseudonymization steps (cumulative, main thread; % of pseudonymize()):")
     for label, name in [
         ("Pseudonymizer.pseudonymize", "pseudonymize.py(pseudonymize)"),
-        ("  dcmread (+ series_folder's header reads)", "filereader.py(dcmread)"),
-        ("  pseudonymize_dataset", "pseudonymize.py(pseudonymize_dataset)"),
-        ("    _identifying_values", "pseudonymize.py(_identifying_values)"),
+        ("  part10.split (header parse, pixel span)", "part10.py(split)"),
+        ("  _pseudonymize_parts", "pseudonymize.py(_pseudonymize_parts)"),
+        ("    _collect (identifying values)", "pseudonymize.py(_collect)"),
         ("    _clean", "pseudonymize.py(_clean)"),
-        ("      _action (rule lookup)", "pseudonymize.py(_action)"),
-        ("        _rule_for", "pseudonymize.py(_rule_for)"),
+        ("      Rules.action (rule lookup)", "deid_rules.py(action)"),
         ("      _replace_uids", "pseudonymize.py(_replace_uids)"),
-        ("        _is_well_known", "pseudonymize.py(_is_well_known)"),
         ("        Pseudonymizer.uid (HMAC)", "pseudonymize.py(uid)"),
-        ("      _clean_value/_scrub", "pseudonymize.py(_clean_value)"),
+        ("      _keep (text, dates, numbers)", "pseudonymize.py(_keep)"),
+        ("        scrub.scrub", "scrub.py(scrub)"),
         ("    _declare", "pseudonymize.py(_declare)"),
-        ("  dcmwrite", "filewriter.py(dcmwrite)"),
+        ("  part10.join (dcmwrite + pixel splice)", "part10.py(join)"),
+        ("  verify (leak check)", "verify.py(verify)"),
+        ("    _check_elements (parse, only on a candidate)", "verify.py(_check_elements)"),
         ("  DicomInstance.from_dataset_header", "instances.py(from_dataset_header)"),
         ("series_folder (dcmread header again)", "sinks.py(series_folder)"),
         ("write_atomically", "folder.py(write_atomically)"),
     ]:
         value, calls = cum(name)
         share = f"{100 * value / total:5.1f} %" if total and label.startswith(" ") else ""
-        print(f"  {value:8.3f} {calls:7d}  {label:<40} {share}")
+        print(f"  {value:8.3f} {calls:7d}  {label:<48} {share}")
     merged = pstats.Stats(main)
     for prof in threads:
         with contextlib.suppress(TypeError):
@@ -342,11 +346,12 @@ def profile_pseudonymized_folder(lab: Lab, top: int = 15) -> None:
 
 
 def offline_breakdown(lab: Lab) -> None:
-    """Time each pseudonymization step on the study in memory (no network, no profiler)."""
+    """Time each pseudonymization step on the study in memory (no network, no profiler),
+    the leak check on its own, and the leak check's element-by-element path for comparison."""
     blobs = [p.read_bytes() for p in lab.paths]
     instances = [DicomInstance.from_bytes(b) for b in blobs]
     p = Pseudonymizer(SECRET)
-    p.pseudonymize(instances[0])  # warm the caches (profile table, UID dictionary)
+    p.pseudonymize(instances[0])  # warm the caches (profile table, UID dictionary, patterns)
     n = len(blobs)
 
     def timed(fn: Callable[[], object]) -> float:
@@ -355,6 +360,12 @@ def offline_breakdown(lab: Lab) -> None:
         return time.perf_counter() - t0
 
     t_full = timed(lambda: [p.pseudonymize(i) for i in instances])
+    unverified = [p.pseudonymize_unverified(i) for i in instances]
+    t_clean = timed(lambda: [p.pseudonymize_unverified(i) for i in instances])
+    t_verify = timed(lambda: [verify(out.data, evidence, pixel)
+                              for out, evidence, pixel in unverified])
+    t_slow = timed(lambda: [verify_module._check_elements(out.data, evidence)
+                            for out, evidence, _ in unverified])
     datasets = [dcmread(io.BytesIO(b)) for b in blobs]
     t_read = timed(lambda: [dcmread(io.BytesIO(b)) for b in blobs])
     t_ds = timed(lambda: [p.pseudonymize_dataset(ds) for ds in datasets])
@@ -367,10 +378,13 @@ def offline_breakdown(lab: Lab) -> None:
     t_series = timed(lambda: [series_folder(i, True) for i in instances])
     t_header = timed(lambda: [DicomInstance.from_bytes(b) for b in blobs])
     print(f"\nOffline, {n} instances in memory (ms per instance):")
-    for label, t in [("Pseudonymizer.pseudonymize (all)", t_full),
-                     ("  dcmread full data set", t_read),
-                     ("  pseudonymize_dataset", t_ds),
-                     ("  dcmwrite", t_write),
+    for label, t in [("Pseudonymizer.pseudonymize (cleaning + leak check)", t_full),
+                     ("  cleaning (pseudonymize_unverified)", t_clean),
+                     ("  leak check (verify)", t_verify),
+                     ("  (leak check element by element, for comparison)", t_slow),
+                     ("dcmread full data set", t_read),
+                     ("pseudonymize_dataset (in place, no check)", t_ds),
+                     ("dcmwrite", t_write),
                      ("series_folder (header re-parse per file)", t_series),
                      ("DicomInstance.from_bytes (header parse)", t_header)]:
         print(f"  {1000 * t / n:7.2f}  {label}")

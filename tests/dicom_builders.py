@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
+import re
+import unicodedata
+import warnings
 from collections.abc import Iterator
 
 from pydicom import Dataset, dcmwrite
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from adit_tasks.core.instances import DicomInstance
@@ -145,3 +151,70 @@ def minimal_dataset(patient_name: str = "Doe^Johnathan", patient_id: str = "PID1
     ds.file_meta = meta
     return ds
 
+
+
+# --- crafted encodings (values pydicom would refuse to convert, other syntaxes) ----------------
+
+
+def raw(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
+    """Put an element with exactly these value bytes (explicit VR little endian), bypassing
+    pydicom's validation: a Patient ID in an IS attribute, text in a DS, a tag the
+    dictionary does not know."""
+    if len(value) % 2:
+        value += b" "
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+def encoded(ds: Dataset, syntax: str = ExplicitVRLittleEndian, *,
+            preamble: bytes | None = None, implicit_vr: bool | None = None) -> bytes:
+    """Part 10 bytes of `ds` in another transfer syntax, with a preamble of our choosing;
+    `implicit_vr`: encode the data set otherwise than the syntax says (as some archives do)."""
+    ds = copy.deepcopy(ds)
+    ds.file_meta.TransferSyntaxUID = syntax
+    if preamble is not None:
+        ds.preamble = preamble.ljust(128, b"\0")[:128]
+    out = io.BytesIO()
+    forced: dict[str, bool] = {"enforce_file_format": True}
+    if implicit_vr is not None:
+        ds.preamble = getattr(ds, "preamble", None) or b"\0" * 128
+        forced = {"implicit_vr": implicit_vr, "little_endian": True, "force_encoding": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the builder's own warnings about crafted values
+        dcmwrite(out, ds, **forced)
+    return out.getvalue()
+
+
+def fold(text: str) -> str:
+    """Case and diacritics away (the tests' own, independent of the product's)."""
+    text = unicodedata.normalize("NFKD", text.replace("ß", "ss").replace("ẞ", "ss"))
+    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+
+
+def marker_leaks(data: bytes, markers: list[str]) -> list[str]:
+    """Which markers appear in the bytes (Latin-1 and UTF-8, any case, with or without
+    diacritics): markers shorter than five characters as whole words only (the output
+    spells 'Application', which holds 'li', and new UIDs have 39 digits), longer ones
+    anywhere."""
+    texts = [fold(data.decode("latin-1")), fold(data.decode("utf-8", "replace"))]
+    found = []
+    for marker in markers:
+        needle = re.escape(fold(marker))
+        pattern = needle if len(marker) >= 5 else rf"(?<![^\W_]){needle}(?![^\W_])"
+        if any(re.search(pattern, t) for t in texts):
+            found.append(marker)
+    return found
+
+
+def pseudonymized_bytes(ds_or_data: Dataset | bytes, options: object = None,
+                        secret: str = "test-secret-of-the-project", **kwargs: object) -> bytes:
+    """What the pseudonymizer's cleaning writes, before the leak check (when there is one):
+    the tests of the cleaner must not lean on the check that backs it up."""
+    from adit_tasks.core.pseudonymize import Pseudonymizer
+
+    data = ds_or_data if isinstance(ds_or_data, bytes) else encoded(ds_or_data)
+    p = Pseudonymizer(secret, options)  # type: ignore[arg-type]
+    instance = DicomInstance.from_bytes(data)
+    unverified = getattr(p, "pseudonymize_unverified", None)
+    if unverified is not None:
+        return unverified(instance, **kwargs)[0].data
+    return p.pseudonymize(instance, **kwargs).data

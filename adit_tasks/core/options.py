@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from adit_tasks.core import find
 from adit_tasks.core.dates import parse_date_range
 from adit_tasks.core.find import validate_uid
-from adit_tasks.core.pseudonymize import PseudonymizationOptions
+from adit_tasks.core.pseudonymize import DEFAULT_TRIAL_SPONSOR, PseudonymizationOptions
 from adit_tasks.core.windows import check_window_text
 
 
@@ -71,6 +71,9 @@ class TransferOptions(BaseModel):
                            "empty: derived from the PatientID and the secret.")
     trial_id: str = Field("", max_length=64, description="ClinicalTrialProtocolID")
     trial_name: str = Field("", max_length=64, description="ClinicalTrialProtocolName")
+    trial_sponsor: str = Field(DEFAULT_TRIAL_SPONSOR, min_length=1, max_length=64,
+                               description="ClinicalTrialSponsorName written with a trial "
+                               "(Type 1 in the Clinical Trial Subject module).")
     dates: Literal["shift", "keep", "remove"] = Field(
         "shift", description="Dates when pseudonymizing: shifted per patient, kept, removed.")
     retain_patient_characteristics: bool = Field(
@@ -106,4 +109,5 @@ class TransferOptions(BaseModel):
             safe_private_creators=safe_private_creators,
             trial_protocol_id=self.trial_id,
             trial_protocol_name=self.trial_name,
+            trial_sponsor=self.trial_sponsor,
         )

@@ -28,7 +28,7 @@ from adit_tasks.core.find import Query, Study, find_studies, manifest
 from adit_tasks.core.folder import safe_component, unique_component
 from adit_tasks.core.instances import DicomInstance
 from adit_tasks.core.plan import TransferPlan
-from adit_tasks.core.pseudonymize import BurnedInAnnotation, Pseudonymizer
+from adit_tasks.core.pseudonymize import BurnedInAnnotation, LeakFound, Pseudonymizer
 from adit_tasks.core.results import StudyJob
 from adit_tasks.core.sinks import StudyTarget
 
@@ -58,7 +58,13 @@ class Pseudonymization:
 @dataclass
 class _Counts:
     burned_in: set[str] = field(default_factory=set)  # destination UIDs left out
+    withheld: dict[str, str] = field(default_factory=dict)  # failed the leak check: UID -> why
     unlisted: int = 0  # instances the source's C-FIND did not list
+
+    @property
+    def left_out(self) -> set[str]:
+        """Destination UIDs not sent on purpose."""
+        return self.burned_in | set(self.withheld)
 
 
 def study_target(study: Study, pseudo: Pseudonymization | None) -> tuple[StudyTarget, str]:
@@ -144,20 +150,25 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
         raise InvalidData(f"{len(stream.rejected)} instance(s) failed the arrival checks and "
                           f"were put aside: {_reasons(stream.rejected)}")
     now_present = sink.present(target) & wanted
-    missing = wanted - now_present - counts.burned_in
+    missing = wanted - now_present - counts.left_out
     if missing:
         raise IncompleteRetrieval(
             f"destination holds {len(wanted) - len(missing)} of {len(wanted)} instances",
             expected=len(wanted), received=len(wanted) - len(missing))
     outcome.transferred = len(result.stored)
-    outcome.skipped = len(present) + len(counts.burned_in)
+    outcome.skipped = len(present) + len(counts.left_out)
     logger.info("study complete at the destination: %d sent, %d already there, %d withheld "
-                "(burned-in annotation)", outcome.transferred, len(present),
-                len(counts.burned_in))
+                "(burned-in annotation), %d withheld (leak check)", outcome.transferred,
+                len(present), len(counts.burned_in), len(counts.withheld))
     notes = []
     if counts.burned_in:
         notes.append(f"{len(counts.burned_in)} instance(s) flagged with burned-in annotation "
                      "were not sent")
+    if counts.withheld:
+        # Warning, not failure: nothing identifying left, and what was sent is checked; the
+        # note names the attribute so that the gap can be found and closed.
+        notes.append(f"{len(counts.withheld)} instance(s) withheld: "
+                     + _reasons(counts.withheld.values()))
     if counts.unlisted:
         notes.append(f"{counts.unlisted} instance(s) the source did not list for the study "
                      "were not sent")
@@ -180,7 +191,8 @@ def _prepare(stream: Iterator[DicomInstance], listed: set[str], present: set[str
              pseudonymization: Pseudonymization | None, destination_uid,
              counts: _Counts) -> Iterator[DicomInstance]:
     """Leave out what the source did not list and what the destination has, pseudonymize the
-    rest, set aside burned-in images."""
+    rest, set aside burned-in images and withhold instances that fail the leak check."""
+    study_uids = frozenset(listed)
     for instance in stream:
         if instance.sop_instance_uid not in listed:
             counts.unlisted += 1  # added to the study since the C-FIND, or not of this study
@@ -191,7 +203,16 @@ def _prepare(stream: Iterator[DicomInstance], listed: set[str], present: set[str
         if pseudonymization is None:
             yield instance
             continue
+        if not {instance.study_uid, instance.series_uid} <= study_uids:
+            study_uids = study_uids | {instance.study_uid, instance.series_uid}
         try:
-            yield pseudonymization.pseudonymizer.pseudonymize(instance, pseudonymization.pseudonym)
+            out = pseudonymization.pseudonymizer.pseudonymize(
+                instance, pseudonymization.pseudonym, study_uids=study_uids)
         except BurnedInAnnotation:
             counts.burned_in.add(new_uid)
+            continue
+        except LeakFound as exc:  # never sent; the attribute is named, never the value
+            logger.warning("instance withheld: %s", exc)
+            counts.withheld[new_uid] = str(exc)
+            continue
+        yield out
