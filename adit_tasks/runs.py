@@ -8,6 +8,12 @@ the run Failed when anything failed, so the UI shows it.
 
 Progress goes to a Prefect progress artifact and to the `adit.progress` logger (the CLI draws
 its progress bar from those records): an explicit, standard channel, no module global.
+
+Nothing here lets Prefect store patient data (README, "Privacy"): tasks run through
+`run_task`, whose results (what a PACS answered) are never persisted, whatever Prefect's
+settings say; the flows are declared with `persist_result=False` too; artifacts, logs and
+state messages carry counts, statuses and messages, never names, IDs or birth dates, and a
+pseudonymizing run's state data and tables carry no original UID.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed, Scheduled, State
 
 from adit_tasks.core.association import slot_held_by_caller
-from adit_tasks.core.config import RetrieveMethod, Settings
+from adit_tasks.core.config import RetrieveMethod, RetryPolicy, Settings
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import TransferPlan, transfer_plan
 from adit_tasks.core.results import StudyJob, StudyResult, summary
@@ -60,6 +66,15 @@ class Progress:
         if done == total or now - self._last >= self._every:
             update_progress_artifact(self._id, 100.0 * done / max(total, 1))
             self._last = now
+
+
+def run_task(task_obj: Any, policy: RetryPolicy) -> Any:
+    """The task as the flows run it: with the run's retry policy, and its results (and
+    exceptions) never written to Prefect's result storage, even when an operator switches
+    persistence on (PREFECT_RESULTS_PERSIST_BY_DEFAULT, PREFECT_TASKS_DEFAULT_PERSIST_RESULT):
+    they hold what a PACS answered, names and IDs included. The results stay in the flow's
+    process."""
+    return with_retries(task_obj, policy).with_options(persist_result=False)
 
 
 def results_in_order(task: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> Iterator[Any]:
@@ -112,7 +127,7 @@ def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
         return [StudyResult(i, job, "success",
                             message=f"archive {plan.complete_archive} is already complete")
                 for i, job in enumerate(jobs, start=1)]
-    task = with_retries(transfer_study_task, plan.retry)
+    task = run_task(transfer_study_task, plan.retry)
     progress = Progress("studies finished")
     numbered = list(enumerate(jobs, start=1))
     finished = 0
@@ -194,13 +209,15 @@ def schedule_again(deployment_id: Any, at: dt.datetime) -> str:
 
 def publish(results: list[StudyResult], *, pseudonymizing: bool,
             what: str = "studies") -> State:
-    """The result table artifact, a log line, and the run's final state with the results."""
+    """The result table artifact, a log line, and the run's final state with the results
+    (a pseudonymizing run's without the original UIDs: `StudyResult.without_originals`)."""
     failed, line = summary(results, what)
     publish_table([r.row(pseudonymizing=pseudonymizing) for r in results],
                   key="transfer-result", description=line)
+    data = [r.without_originals() for r in results] if pseudonymizing else results
     if failed:
-        return Failed(message=line, data=results)
-    return Completed(message=line, data=results)
+        return Failed(message=line, data=data)
+    return Completed(message=line, data=data)
 
 
 def publish_table(table: list[dict[str, Any]], *, key: str, description: str) -> None:

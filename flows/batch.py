@@ -4,8 +4,14 @@ The batch is a path to a .csv/.xlsx file or CSV text pasted into the Prefect UI'
 row is validated before any DICOM work starts; an invalid file fails the run with every
 problem listed by row and column, and nothing is done. Results have one row per input row
 (a query may add rows: one per study or series found) and go to `out` as .csv or .xlsx
-(`adit_tasks.core.tables`); the run's final state carries them as a list of dicts and is
+(`adit_tasks.core.tables`); the run's final state carries them as a list of dicts (in the
+flow's process only: neither the flows nor their tasks let Prefect persist results) and is
 Failed when any row failed.
+
+What Prefect records (README, "Privacy"): the result table artifacts show the row number,
+status, counts and message (and the StudyInstanceUID of a transfer that does not
+pseudonymize, the pseudonym and the new UID of one that does), never a Patient ID, name,
+birth date or accession number; problems of a bad file name cells by row, column and length.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from adit_tasks.runs import (
     publish_table,
     results_in_order,
     run_in_windows,
+    run_task,
     schedule_again,
     transfer_jobs,
 )
-from adit_tasks.tasks import query_rows_task, with_retries
+from adit_tasks.tasks import query_rows_task
 
 ROWS_PER_TASK = 50  # a task run per chunk keeps orchestration small against the work
 
@@ -44,7 +51,7 @@ Result = dict[str, Any]
 
 
 @flow(name="batch-query", flow_run_name="batch-query-{source}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def batch_query_flow(
     batch: str,
     source: str,
@@ -69,7 +76,7 @@ def batch_query_flow(
     gate = Gate.of(node, window, urgent)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)  # the task holds the slot
     ensure_node_limits([node])
-    task = with_retries(query_rows_task, settings.retry)
+    task = run_task(query_rows_task, settings.retry)
     chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
     progress = Progress("batch rows answered")
     answered = 0
@@ -101,7 +108,7 @@ def batch_query_flow(
 
 
 @flow(name="batch-transfer", flow_run_name="batch-transfer-{source}-to-{destination}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def batch_transfer_flow(
     batch: str,
     source: str,
@@ -128,7 +135,7 @@ def batch_transfer_flow(
                                 else None) for row in rows]
     public = ["Row", "Status", "Instances", "Message"] + (
         ["Pseudonym", "DestinationStudyInstanceUID"] if options.pseudonymizing
-        else ["PatientID", "StudyInstanceUID"])
+        else ["StudyInstanceUID"])
     return _finish(results, out, key="batch-transfer-result", public=public)
 
 

@@ -5,6 +5,10 @@ Meant to run from a deployment on a cron schedule. The plan of each run is plain
 runs its steps: a C-FIND task per chunk of days (with the run's retries) and the transfer of
 what it found, and saves the job's state in the Prefect variable `adit_continuous_<job>` after
 every step.
+
+The variable is shown in the UI and copied into Prefect's events: a pseudonymizing job keeps
+its failed studies there by keyed digest and chunk of days, never by original UID, and
+retries them by querying that chunk again (`adit_tasks.core.continuous`, README "Privacy").
 """
 
 from __future__ import annotations
@@ -21,13 +25,22 @@ from prefect.variables import Variable
 from adit_tasks.core import windows
 from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import load_settings
-from adit_tasks.core.continuous import JobState, Pattern, RunPlanner, StudyFilter, Sweep
+from adit_tasks.core.continuous import (
+    JobState,
+    Pattern,
+    RunPlanner,
+    StudyFilter,
+    Sweep,
+    keyed_digest,
+)
+from adit_tasks.core.errors import ConfigError
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import Gate
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.runs import publish_table, transfer_jobs
-from adit_tasks.tasks import find_chunk_task, with_retries
+from adit_tasks.runs import publish_table, run_task, transfer_jobs
+from adit_tasks.secrets import read_secrets
+from adit_tasks.tasks import find_chunk_task
 
 STATE_LIMIT = MAX_VARIABLE_VALUE_LENGTH - 100  # what a Prefect variable holds, with a margin
 
@@ -37,7 +50,7 @@ def state_variable(job: str) -> str:
 
 
 @flow(name="continuous-transfer", flow_run_name="continuous-{job}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def continuous_transfer_flow(
     job: str,
     source: str,
@@ -61,7 +74,8 @@ def continuous_transfer_flow(
     future, a bit more each run. `job` names the job (its state); jobs with different filters
     and destinations run side by side under different names. Each run:
 
-    1. retries the studies that failed in earlier runs (never silently dropped);
+    1. retries the studies that failed in earlier runs (never silently dropped; a
+       pseudonymizing job knows them by keyed digest and queries their chunk of days again);
     2. sweeps the history from where the last run stopped, oldest first, `chunk_days` per
        C-FIND, up to today (or `end_date`); once the backlog is done it sweeps the last
        `overlap_days` again every run, because studies arrive late and grow (a study that
@@ -93,11 +107,18 @@ def continuous_transfer_flow(
                       institution_name=Pattern(institution_name), min_instances=min_instances)
     gate = Gate.of(node, options.window, options.urgent)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    find_chunk = with_retries(find_chunk_task, settings.retry)
+    find_chunk = run_task(find_chunk_task, settings.retry)
+    digest = None
+    if options.pseudonymizing:
+        secret = read_secrets(settings, options).pseudonym_secret
+        if not secret:
+            raise ConfigError("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET or "
+                              "the Prefect Secret block 'adit-pseudonym-secret'")
+        digest = keyed_digest(secret)
     ensure_node_limits([node])
     key = state_variable(job)
     planner = RunPlanner(JobState.load(Variable.get(key, default=None), sweep.start), sweep,
-                         windows.clock(), state_limit=STATE_LIMIT)
+                         windows.clock(), state_limit=STATE_LIMIT, digest=digest)
 
     def save() -> None:
         Variable.set(key, planner.state.dump(STATE_LIMIT), overwrite=True)
@@ -105,11 +126,13 @@ def continuous_transfer_flow(
     try:
         while (step := planner.next_step()) is not None:
             gate.check()
-            if step.kind == "retry":
+            if step.kind == "retry" and not step.by_digest:
                 found = list(step.retry)
             else:
                 found = find_chunk.with_options(task_run_name=f"find-{step.name}")(
                     conn, gate, flt, step.first, step.last, find_limit)
+                if step.by_digest:  # only the failed studies of the chunk
+                    found = [j for j in found if planner.key_of(j.study_uid) in step.keys]
             jobs = [replace(j, pseudonym=options.pseudonym) for j in found]
             results = transfer_jobs(settings, source, destination, jobs, options,
                                     continue_postponed=False) if jobs else []

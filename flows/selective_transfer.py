@@ -5,6 +5,10 @@ The run queries the source, then pauses with a form (Prefect's `pause_flow_run` 
 `wait_for_input`): the form's description is a table of the studies found, its fields a
 multi-select of those studies, the destination and the transfer options. "Resume" in the run's
 menu (⋮) opens it. A form nobody answers ends the run cleanly after `timeout_minutes`.
+
+The form is the result table of a search the user asked to see: one of the two places where
+patient data may appear in Prefect's records (README, "Privacy"). Its table shows no name, ID
+or birth date, only dates, modalities, descriptions, sizes and accession numbers.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from adit_tasks.core.config import ServerNode, load_settings
 from adit_tasks.core.options import StudySearch, TransferOptions
 from adit_tasks.core.results import StudyJob
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.runs import publish, transfer_jobs
-from adit_tasks.tasks import find_task, with_retries
+from adit_tasks.runs import publish, run_task, transfer_jobs
+from adit_tasks.tasks import find_task
 
 
 def study_label(number: int, study: find.Study) -> str:
@@ -67,7 +71,7 @@ def selection_form(studies: list[find.Study], destinations: list[str],
 
 
 @flow(name="selective-transfer", flow_run_name="selective-transfer-{source}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def selective_transfer_flow(
     source: str,
     destination: str,
@@ -89,7 +93,7 @@ def selective_transfer_flow(
     ensure_node_limits([node])
     query = (search or StudySearch()).query("study", limit=limit + 1)
     conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    studies = with_retries(find_task, settings.retry)(conn, query)
+    studies = run_task(find_task, settings.retry)(conn, query)
     if not studies:
         return Completed(message="No studies match the search; nothing to transfer.")
     if len(studies) > limit:

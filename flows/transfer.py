@@ -5,6 +5,10 @@ One Prefect task run per study, so retries, concurrency limits and progress in t
 study. Task runs are named by position (`study-3`), never by patient data. Secrets (the
 pseudonymization key, the archive password) come from the environment, `.env` or Prefect
 Secret blocks, never from flow parameters, which the Prefect server stores and shows.
+
+A deployment run gets its UIDs without the CLI's checks: a value that is not a UID (a Patient
+ID typed into the wrong field) fails the run by its position and length, never by its text,
+because the message reaches the run's state, log and events (README, "Privacy").
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from adit_tasks.core.config import RetrieveMethod, load_settings
-from adit_tasks.core.errors import ConfigError
-from adit_tasks.core.find import validate_uid
+from adit_tasks.core.errors import ConfigError, InvalidInput
+from adit_tasks.core.find import is_uid
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.results import StudyJob
 from adit_tasks.runs import publish, transfer_jobs
 
 
 @flow(name="transfer", flow_run_name="transfer-{source}-to-{destination}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def transfer_flow(
     source: str,
     destination: str,
@@ -41,8 +45,8 @@ def transfer_flow(
     `adit-archive-password`). Returns one result per study.
     """
     options = options or TransferOptions()
-    study_uids = [validate_uid(s, "StudyInstanceUID") for s in studies]
-    series_uids = tuple(validate_uid(s, "SeriesInstanceUID") for s in series or ())
+    study_uids = checked_uids(studies, "StudyInstanceUID")
+    series_uids = tuple(checked_uids(series or [], "SeriesInstanceUID"))
     if not study_uids:
         raise ConfigError("no studies given")
     if series_uids and len(study_uids) != 1:
@@ -51,3 +55,14 @@ def transfer_flow(
     results = transfer_jobs(load_settings(nodes_file), source, destination, jobs, options,
                             method)
     return publish(results, pseudonymizing=options.pseudonymizing)
+
+
+def checked_uids(values: list[str], what: str) -> list[str]:
+    """The UIDs as given (blanks around them removed); InvalidInput naming a bad one by its
+    position and length, never by its text (it may be a Patient ID in the wrong field)."""
+    uids = [value.strip() for value in values]
+    for n, uid in enumerate(uids, start=1):
+        if not is_uid(uid):
+            raise InvalidInput(f"{what} {n} of {len(uids)} is not a valid UID ({len(uid)} "
+                               "characters; digits and dots, no leading zeros, at most 64)")
+    return uids

@@ -74,7 +74,8 @@ def test_cli_exit_codes(lab, tmp_path) -> None:
     date = _adit("query", "orthanc1", "--study-date", "soon", "--nodes-file",
                  str(lab.nodes_file))
     assert date.returncode == 2, date.stderr
-    assert "--study-date: invalid study date 'soon'" in date.stderr
+    assert "--study-date: invalid study date (4 characters)" in date.stderr
+    assert "soon" not in date.stderr
     level = _adit("query", "orthanc1", "--level", "image", "--nodes-file", str(lab.nodes_file))
     assert level.returncode == 2
     down = tmp_path / "down.yaml"

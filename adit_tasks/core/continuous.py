@@ -13,17 +13,33 @@ retry, the sweep chunks up to the horizon, the re-check chunks) and is told what
 found and transferred; only a chunk done in full moves the cursor or the re-check position.
 The flow runs the queries and transfers; the planner decides, and is tested with a clock and
 no servers.
+
+Failed studies and patient data. The state is a Prefect variable: the UI shows it, and
+Prefect copies every update into an event. A job that does not pseudonymize keeps a failed
+study by its StudyInstanceUID (the destination holds that UID anyway) and retries it by UID.
+A pseudonymizing job must not record original UIDs, and a plain hash of a UID would not do:
+UIDs are guessable (an organisation root, dates, counters) and anyone who can list the PACS
+can hash its UIDs and find the study again. It keeps a keyed digest instead (`keyed_digest`:
+HMAC-SHA256 with the pseudonymization secret, which can already re-identify everything the job
+sent) and the chunk of days the study was found in. A digest cannot be queried, so the retry
+sweeps that chunk again with the job's filter and transfers the studies whose digests are
+failed ones (a chunk step with `keys`). A failed study is never dropped: it stays failed until
+a transfer of it succeeds, found by its retry chunk or by any later sweep or re-check (its
+digest is recognised wherever it is found); one not found again in its chunk (deleted, or
+re-dated by the PACS) stays failed with that message, like a study not found by its UID.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import hashlib
+import hmac
 import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +53,25 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_CHARS = 200  # of a failed study's message kept in the state
 STAMP = "%Y-%m-%d %H:%M"
+DIGEST_PREFIX = "hmac:"  # a failed study's key that is a keyed digest, not a UID
+_DIGEST_LABEL = b"adit-continuous-failed-study\x00"  # keeps these digests apart from others
+NOT_FOUND_AGAIN = "not found again in the chunk of days it was found in; searched again next run"
+
+
+def keyed_digest(secret: str) -> Callable[[str], str]:
+    """How a pseudonymizing job keeps a failed study: `hmac:` and the first 128 bits of
+    HMAC-SHA256(secret, label + StudyInstanceUID), in hex (see the module docstring)."""
+    key = secret.encode()
+
+    def digest(uid: str) -> str:
+        mac = hmac.new(key, _DIGEST_LABEL + uid.encode(), hashlib.sha256)
+        return DIGEST_PREFIX + mac.hexdigest()[:32]
+
+    return digest
+
+
+def is_digest(key: str) -> bool:
+    return key.startswith(DIGEST_PREFIX)
 
 
 def _day(text: str, what: str) -> dt.date:
@@ -56,7 +91,9 @@ class JobState:
     defaults."""
 
     cursor: str  # YYYYMMDD: days before it have been swept (the overlap is swept again)
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # study UID -> info
+    # study UID -> {attempts, message, series}, or, for a pseudonymizing job, keyed digest
+    # (`hmac:...`) -> {attempts, message, chunk: [first, last] YYYYMMDD}
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     recheck: str = ""  # YYYYMMDD: where the slow re-check of swept history goes on
     transferred_total: int = 0
     runs: int = 0
@@ -152,21 +189,29 @@ StepKind = Literal["retry", "sweep", "recheck"]
 
 @dataclass(frozen=True)
 class Step:
-    """One step of a run: the failed studies to retry, or a chunk of days [first, last] to
-    query and transfer (of the sweep or of the re-check)."""
+    """One step of a run: the failed studies to retry (by UID: `retry`; by keyed digest:
+    the chunk [first, last] to query again and the digests of its failed studies, `keys`),
+    or a chunk of days [first, last] to query and transfer (of the sweep or the re-check)."""
 
     kind: StepKind
     first: dt.date | None = None
     last: dt.date | None = None
     retry: tuple[StudyJob, ...] = ()
+    keys: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
         """For task run names and logs (dates only, never patient data)."""
-        if self.kind == "retry":
+        if self.kind == "retry" and self.first is None:
             return f"retry-{len(self.retry)}"
         assert self.first is not None and self.last is not None
         return f"{self.kind}-{dicom_date(self.first)}-{dicom_date(self.last)}"
+
+    @property
+    def by_digest(self) -> bool:
+        """A retry of failed studies known by keyed digest: its chunk is queried again and
+        only the studies whose digest is in `keys` are transferred."""
+        return bool(self.keys)
 
 
 @dataclass
@@ -191,6 +236,11 @@ class Tally:
 class RunPlanner:
     """The plan of one run of a continuous job, handed out a step at a time.
 
+    `digest`: the job's `keyed_digest` when it pseudonymizes (its new failures are kept by
+    digest and chunk, never by UID), None otherwise (kept by UID). Failures kept by digest
+    are retried only when a digest is given (the job pseudonymizes again): until then they
+    stay in the state, counted as failed.
+
     Order: the studies that failed in earlier runs; the sweep from the cursor (or the overlap,
     once the backlog is done) up to the horizon, a chunk of `chunk_days` per step; then
     `recheck_chunks` chunks of the swept history, round-robin from where the last run left
@@ -206,15 +256,18 @@ class RunPlanner:
     """
 
     def __init__(self, state: JobState, sweep: Sweep, now: dt.datetime, *,
-                 state_limit: int | None = None) -> None:
+                 state_limit: int | None = None,
+                 digest: Callable[[str], str] | None = None) -> None:
         self.state = state
         self.sweep = sweep
         self.now = now
         self.today = now.date()
         self.state_limit = state_limit
+        self.digest = digest
         self.tally = Tally()
         self.stopped = ""  # why the run ended; "" while it goes on
         self._phase: StepKind = "retry"
+        self._retries = self._retry_steps()
         horizon = sweep.horizon(self.today)
         cursor = _day(state.cursor, "cursor")
         self._day = max(sweep.start,
@@ -229,11 +282,9 @@ class RunPlanner:
         if self.stopped:
             return None
         if self._phase == "retry":
+            if self._retries:
+                return self._retries.pop(0)
             self._phase = "sweep"
-            if self.state.failed:
-                return Step("retry", retry=tuple(
-                    StudyJob(uid, tuple(info.get("series") or ()))
-                    for uid, info in self.state.failed.items()))
         horizon = self.sweep.horizon(self.today)
         if self._phase == "sweep":
             if self._day <= horizon:
@@ -253,6 +304,32 @@ class RunPlanner:
             return Step("recheck", first, last)
         self.stopped = "all steps done"
         return None
+
+    def _retry_steps(self) -> list[Step]:
+        """The retries of this run: one step for the studies kept by UID, one per chunk of
+        days for those kept by keyed digest (when this run has the digest)."""
+        failed = self.state.failed
+        by_uid = tuple(StudyJob(key, tuple(info.get("series") or ()))
+                       for key, info in failed.items() if not is_digest(key))
+        steps = [Step("retry", retry=by_uid)] if by_uid else []
+        if self.digest is None:
+            return steps
+        chunks: dict[tuple[str, str], set[str]] = {}
+        for key, info in failed.items():
+            if is_digest(key):
+                first, last = [*(info.get("chunk") or ()), "", ""][:2]
+                chunks.setdefault((str(first), str(last)), set()).add(key)
+        for (first, last), keys in sorted(chunks.items()):
+            steps.append(Step("retry", _day(first, "retry chunk"), _day(last, "retry chunk"),
+                              keys=frozenset(keys)))
+        return steps
+
+    def key_of(self, uid: str) -> str:
+        """The key a study has among the failed ones: its UID when it is kept by UID (or the
+        job does not pseudonymize), else its keyed digest."""
+        if self.digest is None or uid in self.state.failed:
+            return uid
+        return self.digest(uid)
 
     def recheck_position(self) -> dt.date:
         """The first day of the next re-check chunk."""
@@ -281,9 +358,15 @@ class RunPlanner:
             self.tally.found += len(results)
         elif step.kind == "recheck":
             self.tally.rechecked += len(results)
+        elif step.by_digest:
+            self.tally.retried += len(step.keys)
         else:
             self.tally.retried += len(results)
-        added = self._apply(results)
+        chunk = ([dicom_date(step.first), dicom_date(step.last)]
+                 if step.first is not None and step.last is not None else None)
+        added = self._apply(results, chunk)
+        if step.by_digest:
+            self._not_found_again(step, results)
         done = True
         if added and self.state_limit and not self.state.fits(self.state_limit):
             for uid in added:  # found again when the chunk is swept again
@@ -304,29 +387,50 @@ class RunPlanner:
             self._recheck_done(step)
         return True
 
-    def _apply(self, results: Sequence[StudyResult]) -> list[str]:
-        """Count outcomes and keep the failures (for the next run); the UIDs newly failed."""
+    def _apply(self, results: Sequence[StudyResult], chunk: list[str] | None) -> list[str]:
+        """Count outcomes and keep the failures (for the next run), by UID or by keyed digest
+        and `chunk` (the days the step queried); the keys newly failed."""
         added = []
+        failed = self.state.failed
         for r in results:
-            uid = r.job.study_uid
+            key, days = self.key_of(r.job.study_uid), chunk
+            if is_digest(key) and days is None:
+                days = failed.get(key, {}).get("chunk")
+                if not days:  # could not be found again by its digest: kept by its UID
+                    key = r.job.study_uid
             if r.status == "postponed":
                 self.tally.postponed += 1
             elif r.status == "failure":
                 self.tally.failed += 1
-                if uid not in self.state.failed:
-                    added.append(uid)
-                attempts = int(self.state.failed.get(uid, {}).get("attempts", 0)) + 1
-                self.state.failed[uid] = {"attempts": attempts,
-                                          "message": r.message[:MESSAGE_CHARS],
-                                          "series": list(r.job.series_uids)}
+                if key not in failed:
+                    added.append(key)
+                attempts = int(failed.get(key, {}).get("attempts", 0)) + 1
+                info: dict[str, Any] = {"attempts": attempts,
+                                        "message": r.message[:MESSAGE_CHARS]}
+                if is_digest(key):
+                    info["chunk"] = list(days or ())
+                else:
+                    info["series"] = list(r.job.series_uids)
+                failed[key] = info
             else:
-                self.state.failed.pop(uid, None)
+                failed.pop(key, None)
                 if r.transferred:
                     self.tally.transferred += 1
                     self.state.transferred_total += 1
                 else:
                     self.tally.already_present += 1
         return added
+
+    def _not_found_again(self, step: Step, results: Sequence[StudyResult]) -> None:
+        """The failed studies a retry by digest did not find in their chunk stay failed."""
+        seen = {self.key_of(r.job.study_uid) for r in results}
+        for key in sorted(step.keys - seen):
+            info = self.state.failed.get(key)
+            if info is None:
+                continue
+            info["attempts"] = int(info.get("attempts", 0)) + 1
+            info["message"] = NOT_FOUND_AGAIN
+            self.tally.failed += 1
 
     def _recheck_done(self, step: Step) -> None:
         assert step.first is not None and step.last is not None

@@ -24,6 +24,11 @@ _ONE_DATE = r"\d{4}-\d{2}-\d{2}|\d{8}|\d{1,2}\.\d{1,2}\.\d{4}"
 _RANGE = re.compile(rf"\s*({_ONE_DATE})?\s*(?:-|\.\.|\s-\s)\s*({_ONE_DATE})?\s*")
 
 
+def _length(text: str) -> str:
+    # The value is not repeated: a birth date typed into a form would land in run states.
+    return f"{len(text.strip())} characters"
+
+
 def date_or_none(text: str) -> dt.date | None:
     """The date of an accepted spelling, None when the text is not one."""
     text = text.strip()
@@ -41,7 +46,7 @@ def parse_date(text: str, what: str = "date") -> dt.date:
     """The date, or InvalidInput naming what was wrong."""
     day = date_or_none(text)
     if day is None:
-        raise InvalidInput(f"invalid {what} '{text.strip()[:40]}': {DATE_HELP}")
+        raise InvalidInput(f"invalid {what} ({_length(text)}): {DATE_HELP}")
     return day
 
 
@@ -56,9 +61,9 @@ def parse_date_range(text: str, what: str = "date") -> tuple[str, str]:
         return one, one
     match = _RANGE.fullmatch(text)
     if not match or not (match[1] or match[2]):
-        raise InvalidInput(f"invalid {what} '{text.strip()[:40]}': {DATE_HELP}")
+        raise InvalidInput(f"invalid {what} ({_length(text)}): {DATE_HELP}")
     start = dicom_date(parse_date(match[1], what)) if match[1] else ""
     end = dicom_date(parse_date(match[2], what)) if match[2] else ""
     if start and end and start > end:
-        raise InvalidInput(f"invalid {what} range '{text.strip()[:40]}': start is after end")
+        raise InvalidInput(f"invalid {what} range ({_length(text)}): start is after end")
     return start, end

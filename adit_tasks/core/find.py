@@ -50,7 +50,9 @@ def validate_uid(value: str, what: str = "UID") -> str:
     """The UID itself, or InvalidInput naming what is wrong with it."""
     value = value.strip()
     if not is_uid(value):
-        raise InvalidInput(f"invalid {what} '{value}' (digits and dots, at most 64 characters)")
+        # The value is not repeated: a mistyped Patient ID would land in logs and run states.
+        raise InvalidInput(f"invalid {what} ({len(value)} characters; a UID is digits and "
+                           "dots, at most 64 characters)")
     return value
 
 
@@ -81,7 +83,7 @@ class Query:
             if getattr(self, name):
                 validate_uid(getattr(self, name), name.replace("_", " "))
         if self.birth_date and not _DATE.match(self.birth_date):
-            raise InvalidInput(f"invalid birth date '{self.birth_date}': use YYYYMMDD")
+            raise InvalidInput("invalid birth date: use YYYYMMDD")
 
 
 @dataclass(frozen=True)

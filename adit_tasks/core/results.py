@@ -3,6 +3,8 @@
 A `StudyJob` is one study to move (its series, its pseudonym); a `StudyResult` is its row in
 every report: the CLI's lines, the flows' table artifacts, the batch result file and the
 continuous job's state. Results stay typed until the very edge that prints or writes them.
+Their messages name no patient and no original UID (they reach Prefect's records); a
+pseudonymizing run's results leave out the original UIDs (`row`, `without_originals`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class StudyResult:
 
     def renumbered(self, number: int) -> StudyResult:
         return replace(self, number=number)
+
+    def without_originals(self) -> StudyResult:
+        """The result without the original UIDs (its job keeps only the pseudonym): what a
+        pseudonymizing run hands to Prefect as its state data."""
+        return replace(self, job=StudyJob("", (), self.job.pseudonym))
 
 
 def summary(results: list[StudyResult], what: str = "studies") -> tuple[int, str]:

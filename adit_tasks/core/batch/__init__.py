@@ -58,8 +58,11 @@ The columns a batch query writes that are not inputs (`IGNORED_COLUMNS`: Row, St
 StudyDate, StudyTime, ...) are accepted and ignored, so a query result is a transfer input. Any
 other column is an error (with the closest known name as a suggestion).
 
-Problems never show identifying values (PatientID, names, birth date, AccessionNumber), header
-cells or cells outside the header: those appear by their column letter and length only.
+Problems never show a cell's value: a bad cell may hold anything (a name typed under Modality,
+an ID pasted into StudyInstanceUID, a file without a header row), and problems reach Prefect's
+records (state messages, logs, events). A cell appears by its row, its column (name or
+spreadsheet letter) and its length; the only values repeated are a plain pseudonym in a
+pseudonym conflict and the valid From/Until dates of a reversed range.
 """
 
 from adit_tasks.core.batch.model import (

@@ -1,12 +1,17 @@
 """What a batch file is made of: its columns, a valid row, a problem, and how a value shows.
 
-Problems end up in logs (a deployment run's error, the CLI's output): identifying values and
-cells we cannot name (headers, cells outside the header) appear in them only by their
-length; a column is named by its known name or its spreadsheet letter.
+Problems end up in Prefect's records (a run's state message, its log, the events Prefect
+copies them into) and the CLI's output. A cell that is wrong may hold anything: a name typed
+under Modality, a Patient ID pasted into StudyInstanceUID, a file without a header row. So a
+problem shows a cell's value only by its length (`length`), whatever its column; the only
+values repeated are those that name no patient and that the problem is about: a plain
+pseudonym in a pseudonym conflict and the valid From/Until dates of a search whose range is
+reversed. A column is named by its known name or its spreadsheet letter.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,8 +37,8 @@ NOT_TRANSFERABLE = frozenset({"not found", "failure", "error"})
 
 MAX_PROBLEMS_SHOWN = 50
 
-#: Columns whose values never appear in a problem (only their length does).
-IDENTIFYING = frozenset({"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber"})
+#: A pseudonym that a problem may repeat: letters, digits, space, `-`, `_`, `.`, at most 64.
+_PLAIN_PSEUDONYM = re.compile(r"[A-Za-z0-9 ._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -114,15 +119,14 @@ def column_letter(index: int) -> str:
     return letters
 
 
-def short(value: str, limit: int = 40) -> str:
-    return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
 def length(value: str) -> str:
     """A value shown only by its length."""
     return f"<{len(value)} characters>"
 
 
 def shown(column: str, value: str) -> str:
-    """How a cell's value appears in a problem: identifying values only by their length."""
-    return length(value) if column in IDENTIFYING else short(value)
+    """How a cell's value appears in a problem: by its length, except a plain pseudonym
+    (the subject of a pseudonym conflict; it names no patient)."""
+    if column == "Pseudonym" and _PLAIN_PSEUDONYM.fullmatch(value):
+        return value
+    return length(value)

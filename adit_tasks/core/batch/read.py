@@ -165,7 +165,9 @@ def _read_excel(path: Path) -> RawTable | list[BatchProblem]:
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except (InvalidFileException, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
-        raise InvalidInput(f"{path}: not a readable Excel .xlsx file ({exc})") from exc
+        # The library's message may quote the file's content: only its type is shown.
+        raise InvalidInput(f"{path}: not a readable Excel .xlsx file "
+                           f"({type(exc).__name__})") from None
     try:
         ws = wb.worksheets[0]
         ws.reset_dimensions()  # some writers store wrong dimensions; read what is there
@@ -175,7 +177,8 @@ def _read_excel(path: Path) -> RawTable | list[BatchProblem]:
                 _excel_text(c.value, getattr(c, "number_format", "") or "") for c in cells
             ]))  # fmt: skip
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, IndexError, OSError) as exc:
-        raise InvalidInput(f"{path}: not a readable Excel .xlsx file ({exc})") from exc
+        raise InvalidInput(f"{path}: not a readable Excel .xlsx file "
+                           f"({type(exc).__name__})") from None
     finally:
         wb.close()
     return _split_header(rows, None)

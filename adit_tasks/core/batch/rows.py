@@ -3,8 +3,8 @@
 `read_batch_file(source, purpose)` reads a table (`read`), maps its header (`header`) and
 checks every cell and row *before* anything runs; it raises `BatchFileError` with all
 problems at once, sorted by row and column. The rules are listed in `adit_tasks.core.batch`.
-Problems name identifying values (PatientID, names, birth date, AccessionNumber) only by
-their length.
+Problems show a bad cell only by its length, in every column (a cell in the wrong column may
+hold a name or an ID): see `model`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from adit_tasks.core.batch.model import (
     BatchProblem,
     BatchRow,
     Purpose,
-    short,
+    length,
     shown,
 )
 from adit_tasks.core.batch.read import read_table
@@ -95,9 +95,10 @@ class _Checker:
         self.bad: dict[str, pd.Series] = {c: pd.Series(False, index=df.index) for c in COLUMNS}
 
     def flag(self, column: str, mask: pd.Series, message: Callable[[str], str]) -> None:
-        """Report every cell of `column` where `mask` holds (and no problem is known yet)."""
+        """Report every cell of `column` where `mask` holds (and no problem is known yet);
+        `message` gets the cell as a problem shows it: its length."""
         values = self.df[column]
-        self.flag_at(column, mask, lambda i: message(shown(column, values.iat[i])))
+        self.flag_at(column, mask, lambda i: message(length(values.iat[i])))
 
     def flag_at(self, column: str, mask: pd.Series, message: Callable[[int], str]) -> None:
         """As `flag`, the message made from the row's position in the frame."""
@@ -132,7 +133,7 @@ def _validate(
         check.flag(
             column,
             s.str.contains(_CONTROL, regex=True),
-            lambda v: f"line break or control character in {short(v)!r}",
+            lambda v: f"line break or control character in '{v}'",
         )
         allowed = purpose == "query" and column in WILDCARD_COLUMNS
         if not allowed:
@@ -144,49 +145,49 @@ def _validate(
             check.flag(
                 column,
                 s.str.contains(r"[*?]", regex=True),
-                lambda v, where=where: f"wildcard (* ?) in '{short(v)}': allowed {where}",
+                lambda v, where=where: f"wildcard (* ?) in '{v}': allowed {where}",
             )
         if column in MAX_LENGTH:
             limit = MAX_LENGTH[column]
             check.flag(
                 column,
                 s.str.len() > limit,
-                lambda v, limit=limit: f"'{short(v)}' is longer than {limit} characters",
+                lambda v, limit=limit: f"'{v}' is longer than {limit} characters",
             )
         if column not in ("Pseudonym", *DATE_COLUMNS, *UID_COLUMNS):
             check.flag(
                 column,
                 s.str.contains("\\", regex=False),
-                lambda v: f"backslash in '{short(v)}' (DICOM reads it as a value separator)",
+                lambda v: f"backslash in '{v}' (DICOM reads it as a value separator)",
             )
 
     normalized: dict[str, pd.Series] = {}
     for column in DATE_COLUMNS:
         normalized[column] = check.parse(
-            column, _parse_date, lambda v: f"invalid date '{short(v)}' ({ONE_DATE_HELP})"
+            column, _parse_date, lambda v: f"invalid date '{v}' ({ONE_DATE_HELP})"
         )
     for column in UID_COLUMNS:
         check.parse(column, _parse_uid, lambda v: (
-            f"invalid UID '{short(v, 70)}' (digits and dots, no leading zeros in a component, "
+            f"invalid UID '{v}' (digits and dots, no leading zeros in a component, "
             "at most 64 characters)"
         ))  # fmt: skip
     normalized["Modality"] = check.parse("Modality", _parse_modalities, lambda v: (
-        f"invalid modality '{short(v)}' (codes of 1-16 letters, digits or _, comma separated, "
+        f"invalid modality '{v}' (codes of 1-16 letters, digits or _, comma separated, "
         "e.g. CT,MR)"
     ))  # fmt: skip
     normalized["SeriesNumber"] = check.parse("SeriesNumber", _parse_series_numbers, lambda v: (
-        f"invalid series number '{short(v)}' (whole numbers, comma separated, e.g. 1,3)"
+        f"invalid series number '{v}' (whole numbers, comma separated, e.g. 1,3)"
     ))  # fmt: skip
     normalized["PatientName"] = check.parse(
         "PatientName",
         lambda v: n if (n := _dicom_name(v)).count("^") <= 4 else None,
-        lambda v: f"invalid name '{short(v)}' (use Last^First or 'Last, First')",
+        lambda v: f"invalid name '{v}' (use Last^First or 'Last, First')",
     )
     pseudonym = df["Pseudonym"]
     check.flag(
         "Pseudonym",
         pseudonym.str.contains(_PSEUDONYM_FORBIDDEN, regex=True) | pseudonym.isin([".", ".."]),
-        lambda v: f"invalid pseudonym '{short(v)}' (no / \\ : * ? \" < > | and not . or ..)",
+        lambda v: f"invalid pseudonym '{v}' (no / \\ : * ? \" < > | and not . or ..)",
     )
 
     # From after Until.
