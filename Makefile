@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium
 
-.PHONY: install system-packages demo test lint bench clean
+.PHONY: install system-packages cluster-packages demo demo-servers test test-cluster lint bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -17,6 +17,10 @@ system-packages:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# PostgreSQL for the cluster test (`make test-cluster`) and for a shared Prefect server.
+cluster-packages:
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES=postgresql
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -26,10 +30,18 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m deployments.demo
 
+# Only the two demo PACS and .demo/nodes.yaml (for trying a cluster, README "scale-out").
+demo-servers: install
+	$(BIN)/python -m deployments.demo --servers-only
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+# The cluster test: PostgreSQL, a Prefect server, two worker machines, one killed (~6 min).
+test-cluster: install cluster-packages
+	$(BIN)/python -m pytest -m cluster -s tests/test_cluster.py
 
 lint: install
 	$(BIN)/ruff check .

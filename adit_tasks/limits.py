@@ -12,8 +12,20 @@ queue on a local semaphore first, so only contention between processes reaches t
 Leases are taken through the Prefect REST API with a plain httpx client: Prefect's own client
 waits ~2 s before it tries a `503` again, and on SQLite the server answers 503
 (SQLITE_BUSY_SNAPSHOT) whenever another write lands between its read and its update; we try
-again after milliseconds (19 small studies: 20 s -> 2 s). A crashed holder's slots come back
-when its lease expires (LEASE_SECONDS; renewed every LEASE_SECONDS/5 while held).
+again after milliseconds (19 small studies: 20 s -> 2 s).
+
+A dead holder (its process or machine gone) gives its slots back when its lease expires: a
+lease lasts LEASE_SECONDS (60 s, the shortest the server accepts) and is renewed every
+RENEW_SECONDS (10 s) while held, so a holder keeps its slots through up to five missed
+renewals (a server restart of up to ~50 s) and a dead one loses them 60 s after its last
+renewal, plus the server's expiry sweep (`PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS`).
+Leases live in the server's lease storage: run the server with the filesystem storage
+(`PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem`,
+see deployments/systemd/) so a restart loses none; with the in-memory default a slot held
+over a restart stays taken for good. Each lease names its holder (the flow run), which the
+lease storage records. Should a lease be gone all the same when it is renewed (the server was
+away longer than a lease), the renewer takes the slots again as soon as they are free, so the
+count on the server is right again.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run, task_run
 from prefect.settings import get_current_settings
 
 from adit_tasks.core.association import local_slot
@@ -42,7 +55,9 @@ from adit_tasks.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 300.0
+LEASE_SECONDS = 60.0  # the shortest lease the Prefect server grants
+RENEW_SECONDS = 10.0  # renewal interval: five renewals may fail before a lease expires
+RENEW_TIMEOUT = 5.0  # one slow answer must not hold up the renewal of every lease
 MAX_POLL_SECONDS = 2.0  # longest wait between tries while a limit is full
 
 
@@ -74,6 +89,16 @@ def _ensure_limit(client: Any, name: str, limit: int, decay: float) -> None:
             limit=limit, active=True, slot_decay_per_second=decay))
 
 
+class _Lease:
+    """Slots of some limits held by one holder; `lease_id` is the server's current lease."""
+
+    def __init__(self, names: list[str], holder: dict[str, str] | None, lease_id: str) -> None:
+        self.names = names
+        self.holder = holder
+        self.lease_id = lease_id
+        self.lost = False  # the server revoked it while held; taken again when slots free
+
+
 class _LeaseClient:
     """One HTTP client per process (and API URL) for every lease call, and one thread that
     renews every lease held."""
@@ -88,27 +113,29 @@ class _LeaseClient:
             headers["Authorization"] = f"Bearer {api.key.get_secret_value()}"
         self._http = httpx.Client(base_url=api_url.rstrip("/") + "/", headers=headers,
                                   timeout=api.request_timeout)
-        self._leases: set[str] = set()
+        self._leases: set[_Lease] = set()
         self._lock = threading.Lock()
         self._renewer = threading.Thread(target=self._renew_forever, daemon=True,
                                          name="adit-lease-renewer")
         self._renewer.start()
 
-    def acquire(self, names: list[str]) -> str:
+    def acquire(self, names: list[str]) -> _Lease:
         """One lease on a slot of each named limit (all or nothing)."""
-        body = {"names": names, "slots": 1, "mode": "concurrency",
-                "lease_duration": LEASE_SECONDS}
+        holder = _holder()
         lease_id = str(self.take("v2/concurrency_limits/increment-with-lease", names,
-                                 body)["lease_id"])
+                                 self._lease_body(names, holder))["lease_id"])
+        lease = _Lease(names, holder, lease_id)
         with self._lock:
-            self._leases.add(lease_id)
-        return lease_id
+            self._leases.add(lease)
+        return lease
 
-    def release(self, lease_id: str) -> None:
+    def release(self, lease: _Lease) -> None:
         with self._lock:
-            self._leases.discard(lease_id)
+            self._leases.discard(lease)
+            if lease.lost:
+                return  # the server gave the slots back already
         response = self._post("v2/concurrency_limits/decrement-with-lease",
-                              {"lease_id": lease_id})
+                              {"lease_id": lease.lease_id})
         if response.status_code >= 400 and response.status_code != 404:
             logger.warning("could not release a concurrency lease (HTTP %s); it expires "
                            "by itself", response.status_code)
@@ -121,38 +148,92 @@ class _LeaseClient:
                 time.sleep(min(float(response.headers.get("Retry-After", 1)),
                                MAX_POLL_SECONDS))
                 continue
-            response.raise_for_status()
-            data = response.json()
-            limits = data.get("limits") if isinstance(data, dict) else data
-            if not limits or len(limits) < len(names):
-                raise ConfigError(f"Prefect limit(s) {', '.join(names)} missing "
-                                  "(ensure_node_limits creates them when a flow starts)")
-            return data
+            return self._granted(response, names)
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    @staticmethod
+    def _granted(response: httpx.Response, names: list[str]) -> Any:
+        response.raise_for_status()
+        data = response.json()
+        limits = data.get("limits") if isinstance(data, dict) else data
+        if not limits or len(limits) < len(names):
+            raise ConfigError(f"Prefect limit(s) {', '.join(names)} missing "
+                              "(ensure_node_limits creates them when a flow starts)")
+        return data
+
+    @staticmethod
+    def _lease_body(names: list[str], holder: dict[str, str] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"names": names, "slots": 1, "mode": "concurrency",
+                                "lease_duration": LEASE_SECONDS}
+        if holder:
+            body["holder"] = holder
+        return body
+
+    def _post(self, path: str, body: dict[str, Any], timeout: float | None = None,
+              tries: int = 200) -> httpx.Response:
         """POST, trying again after milliseconds on 503 and on a dropped connection."""
-        for attempt in range(200):
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        for attempt in range(tries):
             try:
-                response = self._http.post(path, json=body)
+                response = self._http.post(path, json=body, **kwargs)
             except httpx.TransportError:
-                if attempt >= 5:
+                if attempt >= min(5, tries - 1):
                     raise
                 time.sleep(0.1)
                 continue
-            if response.status_code != 503:
+            if response.status_code != 503 or attempt == tries - 1:
                 return response
             time.sleep(min(0.01 * (attempt + 1), 0.25))
-        return response
+        raise AssertionError("unreachable")
 
     def _renew_forever(self) -> None:
         while True:
-            time.sleep(LEASE_SECONDS / 5)
+            time.sleep(RENEW_SECONDS)
             with self._lock:
                 leases = list(self._leases)
-            for lease_id in leases:
+            for lease in leases:
                 with contextlib.suppress(Exception):  # the next round, or expiry, settles it
-                    self._post(f"v2/concurrency_limits/leases/{lease_id}/renew",
-                               {"lease_duration": LEASE_SECONDS})
+                    self._renew(lease)
+
+    def _renew(self, lease: _Lease) -> None:
+        """Renew one lease; when the server has revoked it while its holder still works (it
+        was unreachable for longer than a lease), take the slots again once they are free."""
+        if not lease.lost:
+            response = self._post(f"v2/concurrency_limits/leases/{lease.lease_id}/renew",
+                                  {"lease_duration": LEASE_SECONDS}, timeout=RENEW_TIMEOUT,
+                                  tries=3)
+            if response.status_code not in (404, 410):
+                return
+            with self._lock:
+                if lease not in self._leases:
+                    return  # released while this renewal was under way
+                lease.lost = True
+            logger.warning("the Prefect server revoked a concurrency lease of %s that is "
+                           "still in use; taking the slots again as soon as they are free",
+                           ", ".join(lease.names))
+        response = self._post("v2/concurrency_limits/increment-with-lease",
+                              self._lease_body(lease.names, lease.holder),
+                              timeout=RENEW_TIMEOUT, tries=3)
+        if response.status_code == 423:
+            return  # full: the next round tries again
+        lease_id = str(self._granted(response, lease.names)["lease_id"])
+        with self._lock:
+            if lease in self._leases:
+                lease.lease_id, lease.lost = lease_id, False
+                return
+        # released meanwhile: give the new slots straight back
+        self._post("v2/concurrency_limits/decrement-with-lease", {"lease_id": lease_id},
+                   timeout=RENEW_TIMEOUT, tries=3)
+
+
+def _holder() -> dict[str, str] | None:
+    """Who holds a lease, as the server's lease storage records it: the flow run (what an
+    operator acts on; its task runs reach the server later, through events), else the task
+    run."""
+    if flow_run.id:
+        return {"type": "flow_run", "id": str(flow_run.id)}
+    if task_run.id:
+        return {"type": "task_run", "id": str(task_run.id)}
+    return None
 
 
 # A documented cache: one lease client per process and Prefect API.
@@ -178,8 +259,8 @@ def node_slots(nodes: tuple[ServerNode, ...]) -> Iterator[None]:
         for node in wanted:
             stack.enter_context(local_slot(node))
         client = _lease_client()
-        lease_id = client.acquire([n.limit_name for n in wanted])
-        stack.callback(client.release, lease_id)
+        lease = client.acquire([n.limit_name for n in wanted])
+        stack.callback(client.release, lease)
         yield
 
 

@@ -5,6 +5,9 @@ with generated studies, writes `.demo/nodes.yaml` for them, and then runs the `a
 user would type: list nodes, echo, query, and transfers (to a folder and PACS to PACS) as
 Prefect flow runs. The servers keep running afterwards so you can try more commands;
 `python -m deployments.demo --stop` stops them (by the PIDs recorded in `.demo/pids`).
+`--servers-only` (`make demo-servers`) starts the two PACS, fills the source, writes
+`.demo/nodes.yaml` and `.demo/studies.txt` (the source's StudyInstanceUIDs) and runs nothing:
+for trying a cluster of workers on them.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--stop", action="store_true", help="stop the demo servers and exit")
     parser.add_argument("--no-ui", action="store_true",
                         help="do not end with `adit serve` (the web interface)")
+    parser.add_argument("--servers-only", action="store_true",
+                        help="start the two demo PACS and write .demo/nodes.yaml; run nothing")
     args = parser.parse_args()
     stop_previous()
     if args.stop:
@@ -92,6 +97,12 @@ def main() -> None:
         ],
     }
     (DEMO_DIR / "nodes.yaml").write_text(yaml.safe_dump(nodes, sort_keys=False))
+    if args.servers_only:
+        (DEMO_DIR / "studies.txt").write_text("".join(f"{s.study_uid}\n" for s in specs))
+        print(f"Nodes file: {(DEMO_DIR / 'nodes.yaml').resolve()}\n"
+              f"The StudyInstanceUIDs on pacs1, one a line: {DEMO_DIR / 'studies.txt'}\n"
+              "Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")
+        return
 
     ct = specs[-1]
     failures = 0
