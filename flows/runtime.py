@@ -77,13 +77,14 @@ def prefect_settings(api_url: str | None = None) -> Iterator[Any]:
         yield settings
 
 
-def stop_process_group(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+def stop_process_group(proc: subprocess.Popen[Any], timeout: float = 15,
+                       sig: int = signal.SIGTERM) -> None:
     """Stop a process we started in its own session (`start_new_session=True`, so its process
-    group id is its PID) with everything in its group: SIGTERM, SIGKILL after `timeout` s."""
+    group id is its PID) with everything in its group: `sig`, SIGKILL after `timeout` s."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

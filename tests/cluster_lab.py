@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from adit_tasks.lab.servers import free_port, port_open
+from flows.runtime import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -43,16 +44,8 @@ def _log_tail(path: Path, lines: int = 40) -> str:
 def _stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
           timeout: float = 20) -> None:
     """Stop a process we started in its own session, with its process group."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if proc is not None:
+        stop_process_group(proc, timeout, sig)
 
 
 def postgres_bin() -> Path | None:
