@@ -29,7 +29,9 @@ MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are the odd number
 
 SlotFactory = Callable[[ServerNode], AbstractContextManager[object]]
 
-_local_semaphores: dict[str, threading.BoundedSemaphore] = {}  # by node and limit
+# A documented cache: the process's semaphore per node and limit, so every connection of the
+# process to a node shares one `max_associations` (the process-local limit).
+_local_semaphores: dict[str, threading.BoundedSemaphore] = {}
 _local_lock = threading.Lock()
 
 
