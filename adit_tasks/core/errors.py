@@ -89,7 +89,7 @@ class AssociationRejected(PermanentError):
 class DestinationRefused(PermanentError):
     """The destination refused instances for good: a C-STORE failure status other than 'out
     of resources' (0xA9xx, 0xCxxx, 0x0122, ...) or a SOP class / transfer syntax it does not
-    accept. `reason` says why (status code and the server's comment), never which instance."""
+    accept. `reason` says why (status code and its meaning), never which instance."""
 
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)

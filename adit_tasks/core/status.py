@@ -60,15 +60,6 @@ def _busy(code: int) -> bool:
     return any(code in codes for codes in _BUSY)
 
 
-def error_comment(status: Dataset) -> str:
-    """The ErrorComment of a response, fit for a message: printable ASCII, UID-like values
-    replaced, at most 64 characters (its VR's limit); '' when there is none."""
-    raw = status.get("ErrorComment", "") if "ErrorComment" in status else ""
-    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")
-    text = "".join(c if " " <= c <= "~" else " " for c in text)
-    return " ".join(_UID_LIKE.sub("<UID>", text).split())[:64]
-
-
 def check_status(node: ServerNode, operation: str, status: Dataset | None) -> int:
     """The status code of a DIMSE response, or the matching exception for a failure.
 
@@ -82,25 +73,26 @@ def check_status(node: ServerNode, operation: str, status: Dataset | None) -> in
     category = code_to_category(code)
     if category in ("Success", "Pending", "Warning", "Cancel"):
         return code
-    comment = f" ({error_comment(status)})" if error_comment(status) else ""
+    # The server's ErrorComment is free text from the peer (it may name the patient): never
+    # repeated in a message, which reaches logs and run states; the status code says why.
     # A7xx is 'Refused: out of resources' in every Q/R and storage service.
     if _busy(code):
-        raise PacsBusy(f"{node.name}: {operation} refused, out of resources 0x{code:04X}{comment}")
-    raise OperationFailed(f"{node.name}: {operation} failed with status 0x{code:04X}{comment}")
+        raise PacsBusy(f"{node.name}: {operation} refused, out of resources 0x{code:04X}")
+    raise OperationFailed(f"{node.name}: {operation} failed with status 0x{code:04X}")
 
 
 def store_refusal(code: int, status: Dataset) -> str:
     """Why a C-STORE was refused, as a reason without instance data: '0xA900 Data Set Does Not
-    Match SOP Class: <the server's comment>'."""
+    Match SOP Class' (the server's ErrorComment is free text from the peer and may name the
+    patient: it is not repeated)."""
     description = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "failure"))[1] or "failure"
-    comment = error_comment(status)
-    return f"0x{code:04X} {description}" + (f": {comment}" if comment else "")
+    return f"0x{code:04X} {description}"
 
 
 def check_store_status(node: ServerNode, status: Dataset | None) -> int:
     """A C-STORE response: the success or warning code; PacsBusy for 'out of resources'
-    (0xA7xx, 0x0213: retriable); DestinationRefused with the status code and the server's
-    comment for every other failure (0xA9xx, 0xCxxx, 0x0122 SOP class not supported, ...);
+    (0xA7xx, 0x0213: retriable); DestinationRefused with the status code and its meaning
+    for every other failure (0xA9xx, 0xCxxx, 0x0122 SOP class not supported, ...);
     DimseTimeout when no response came."""
     if status is None or "Status" not in status:
         raise DimseTimeout(f"{node.name}: C-STORE got no response (timeout or association "
