@@ -242,8 +242,12 @@ _clients_lock = threading.Lock()
 
 
 def _lease_client() -> _LeaseClient:
-    with get_client(sync_client=True) as client:  # resolves ephemeral mode's server too
-        api_url = str(client.api_url)
+    # The configured API URL when there is one (no client built per study); Prefect's client
+    # only in ephemeral mode, where it knows the temporary server's address.
+    api_url = get_current_settings().api.url
+    if not api_url:
+        with get_client(sync_client=True) as client:
+            api_url = str(client.api_url)
     with _clients_lock:
         if api_url not in _clients:
             _clients[api_url] = _LeaseClient(api_url)

@@ -23,7 +23,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from adit_tasks.core.association import Connection
 from adit_tasks.core.config import RetrieveMethod, Settings, load_settings
-from adit_tasks.core.receiver import open_receiver
+from adit_tasks.core.receiver import Receiver, open_receiver
 from adit_tasks.core.retrieve import Retriever, make_retriever
 from adit_tasks.lab.servers import DcmqrscpServer, OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import (
@@ -168,6 +168,16 @@ def prefect_server() -> Iterator[str]:
             yield url
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A C-MOVE receiver of our own on a free loopback port, stopped after the test."""
+    rcv = Receiver("ADIT", "127.0.0.1", free_port()).start()
+    try:
+        yield rcv
+    finally:
+        rcv.stop()
 
 
 def read_pixels(path_or_bytes: Path | bytes) -> bytes:

@@ -24,21 +24,11 @@ from adit_tasks.core.errors import AditError, RetriableError
 from adit_tasks.core.instances import InstanceStream
 from adit_tasks.core.move import move_study
 from adit_tasks.core.receiver import Receiver
-from adit_tasks.lab.servers import free_port
 from tests.scp import LOOPBACK, MisbehavingSCP
 from tests.test_misbehaving_peers import connect, study, uids
 
 REFUSED_NOT_AUTHORISED = 0x0124  # PS3.7 C.5.26 Refused: Not Authorised
 OTHER_LOOPBACK = "127.0.0.2"  # still this machine, but not the address a node's host names
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rcv = Receiver("ADIT", LOOPBACK, free_port()).start()
-    try:
-        yield rcv
-    finally:
-        rcv.stop()
 
 
 @dataclass

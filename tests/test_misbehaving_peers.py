@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from pydicom import Dataset
@@ -218,15 +218,6 @@ def test_max_associations_limits_concurrent_associations(limit: int) -> None:
 
 
 # --- C-MOVE routing -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rcv = Receiver("ADIT", LOOPBACK, free_port()).start()
-    try:
-        yield rcv
-    finally:
-        rcv.stop()
 
 
 @pytest.mark.parametrize("omit_originator", [False, True], ids=["message-id", "study-uid"])

@@ -57,6 +57,7 @@ from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, write_study
 from flows.batch import batch_query_flow, batch_transfer_flow
 from flows.continuous import continuous_transfer_flow, state_variable
 from flows.query import query_flow
+from flows.runtime import stop_process_group
 from flows.selective_transfer import selective_transfer_flow
 from flows.transfer import transfer_flow
 from tests import records
@@ -197,7 +198,6 @@ def _reset_sigint() -> None:
 
 @contextlib.contextmanager
 def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    import signal
 
     output = log.open("wb")
     worker = subprocess.Popen(
@@ -209,13 +209,7 @@ def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]
     try:
         yield worker
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process_group(worker, timeout=30)
         output.close()
 
 

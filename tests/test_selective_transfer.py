@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pydicom
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.flow_runs import resume_flow_run
 
 from adit_tasks.core.options import StudySearch
 from flows.selective_transfer import selective_transfer_flow
+from tests import records
 
 
-def wait_for_paused_run(name: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
+def wait_for_paused_run(name: str):
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(any_=[name])))
-            paused = [r for r in runs if r.state and r.state.is_paused()]
-            if paused:
-                return paused[0]
-            time.sleep(0.5)
-    raise AssertionError("the flow run never paused")
+        return records.wait_for_paused_run(client, name, timeout=60)
 
 
 def test_picked_studies_and_only_those_arrive(lab, prefect_server, tmp_path):

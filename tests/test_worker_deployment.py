@@ -11,6 +11,8 @@ from pathlib import Path
 
 from prefect.client.orchestration import get_client
 
+from flows.runtime import stop_process_group
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -51,9 +53,4 @@ def test_deploy_all_then_a_worker_runs_a_query(lab, prefect_server, tmp_path) ->
                 time.sleep(1)
         assert state is not None and state.is_completed(), state
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process_group(worker, timeout=30)
