@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium
+APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dcm2niix chromium
 
 .PHONY: install system-packages cluster-packages demo demo-servers test test-cluster lint bench clean
 
