@@ -41,6 +41,14 @@ class Sink(Protocol):
     def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult: ...
 
 
+class FileSink(Sink, Protocol):
+    """A sink that holds files (folder, archive): it also takes files that are not DICOM
+    instances (NIfTI volumes, sidecars), at a path relative to the study's folder."""
+
+    def add_file(self, study: StudyTarget, relative: Path, data: bytes, *,
+                 series_uid: str = "", kind: str = "file") -> Path: ...
+
+
 def series_folder(instance: DicomInstance, pseudonymized: bool) -> str:
     """`<SeriesNumber>-<SeriesDescription>`, or `<SeriesNumber>-<Modality>` when pseudonymized."""
     number = safe_component(instance.series_number, "0")
@@ -108,6 +116,13 @@ class FolderSink:
             sync_folders(folders)
         return result
 
+    def add_file(self, study: StudyTarget, relative: Path, data: bytes, *,
+                 series_uid: str = "", kind: str = "file") -> Path:
+        """Write one non-instance file into the study's folder; its path below the root."""
+        path = study.folder / relative
+        write_atomically(self.root, path, data)
+        return path
+
 
 def _looks_like_dicom(path: Path) -> bool:
     """A Part 10 file: more than a preamble, with the DICM prefix (a zero-byte or cut file
@@ -136,3 +151,10 @@ class ArchiveSink:
             self.writer.add(instance_path(study, instance).as_posix(), instance.data)
             result.stored.append(instance.sop_instance_uid)
         return result
+
+    def add_file(self, study: StudyTarget, relative: Path, data: bytes, *,
+                 series_uid: str = "", kind: str = "file") -> Path:
+        """Add one non-instance file into the study's folder; its name in the archive."""
+        path = study.folder / relative
+        self.writer.add(path.as_posix(), data)
+        return path
