@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dcm2niix chromium
 
-.PHONY: install system-packages cluster-packages demo demo-servers test test-cluster lint bench clean
+.PHONY: install system-packages cluster-packages demo demo-servers test test-cluster lint bench server-status server-stop clean
 
 install: system-packages $(VENV)/.installed
 
@@ -47,8 +47,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# Every benchmark, one table: ADIT vs DCMTK/Orthanc, memory, CLI latency, batch overhead (~8 min).
 bench: install
-	$(BIN)/python benchmarks/retrieve.py
+	$(BIN)/python benchmarks/run_all.py
+
+# The CLI's local Prefect server (started by the first `adit` command that runs a flow).
+server-status: install
+	$(BIN)/python -m deployments.cli server status
+
+server-stop: install
+	$(BIN)/python -m deployments.cli server stop
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

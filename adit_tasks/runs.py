@@ -33,14 +33,17 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed, Scheduled, State
+from prefect.utilities.annotations import quote
 
 from adit_tasks.core.association import slot_held_by_caller
 from adit_tasks.core.config import RetrieveMethod, RetryPolicy, Settings
+from adit_tasks.core.errors import AditError
+from adit_tasks.core.manifest import RunInfo
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import TransferPlan, transfer_plan
 from adit_tasks.core.results import StudyJob, StudyResult, summary
 from adit_tasks.core.windows import OutsideWindow, sleep_until
-from adit_tasks.limits import ensure_node_limits
+from adit_tasks.limits import ensure_node_limits, reusing_leases, spare_node_slot
 from adit_tasks.secrets import read_secrets
 from adit_tasks.tasks import transfer_study_task, with_retries
 
@@ -79,11 +82,17 @@ def run_task(task_obj: Any, policy: RetryPolicy) -> Any:
 
 def results_in_order(task: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> Iterator[Any]:
     """Submit one task run per (name, arguments), all at once (the task runner bounds how many
-    run together); yield each one's result, or its exception, in the order given."""
-    futures = [task.with_options(task_run_name=name).submit(*args) for name, args in calls]
-    for future in futures:
-        future.wait()
-        yield future.state.result(raise_on_failure=False)
+    run together); yield each one's result, or its exception, in the order given.
+
+    The arguments are `quote`d: they hold no futures, and Prefect would otherwise walk through
+    every object inside them (a plan: connections, nodes, sinks) for each task run, twice.
+    The run's leases pass from one task to the next meanwhile (`limits.reusing_leases`)."""
+    with reusing_leases():
+        futures = [task.with_options(task_run_name=name).submit(*(quote(a) for a in args))
+                   for name, args in calls]
+        for future in futures:
+            future.wait()
+            yield future.state.result(raise_on_failure=False)
 
 
 def run_in_windows(items: Sequence[T], run_round: Callable[[list[T]], list[R | OutsideWindow]],
@@ -168,6 +177,7 @@ def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
                 f"{opens:%Y-%m-%d %H:%M}{note}")
         for i, (n, job) in enumerate(numbered)]
     _close_archive(plan, results)
+    _write_folder_manifest(plan)
     return results
 
 
@@ -182,7 +192,7 @@ def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[
                        receiver=settings.receiver, retry=settings.retry, method=method,
                        pseudonym_secret=secrets.pseudonym_secret,
                        archive_password=secrets.archive_password,
-                       slot=slot_held_by_caller) as plan:
+                       slot=slot_held_by_caller, spare=spare_node_slot) as plan:
         ensure_node_limits(list(plan.nodes))
         return run_studies(plan, jobs, continue_postponed=continue_postponed)
 
@@ -195,7 +205,29 @@ def _close_archive(plan: TransferPlan, results: list[StudyResult]) -> None:
         plan.archive.abandon()
         logger.warning("archive not written: a study failed or waits; a re-run starts it again")
     else:
+        if plan.manifest is not None:
+            plan.manifest.write_into(plan.archive, _run_info())  # before the archive closes
         logger.info("archive written: %s", plan.archive.finish().name)
+
+
+def _write_folder_manifest(plan: TransferPlan) -> None:
+    """A folder job's manifest, also when studies failed: it lists what is there. A failure
+    to write it is a warning: the studies' results stand (`adit verify` then finds no or an
+    older manifest)."""
+    if plan.manifest is None or plan.manifest.root is None:
+        return
+    try:
+        path = plan.manifest.write_to_folder(_run_info())
+    except (OSError, AditError) as exc:
+        get_run_logger().warning("manifest not written: %s", exc)
+        return
+    get_run_logger().info("manifest written: %s", path.name)
+
+
+def _run_info() -> RunInfo:
+    """This flow run, for the manifest's header (plain values: the core has no Prefect)."""
+    return RunInfo(str(flow_run.id or ""), str(flow_run.name or ""),
+                   dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
 
 def schedule_again(deployment_id: Any, at: dt.datetime) -> str:

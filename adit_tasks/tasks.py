@@ -1,7 +1,9 @@
 """Prefect tasks: thin wrappers that add retries, per-node slots, windows and pacing.
 
 Each task holds one slot of each node it talks to for its whole duration (adit_tasks.limits);
-the connections it gets were built with `slot_held_by_caller`, so they take nothing more.
+the connections it gets were built with `slot_held_by_caller`, so they take nothing more,
+except spare slots of the source that a retrieval takes for parallel associations while they
+are free (`limits.spare_node_slot`, never waiting).
 Retries follow the run's `RetryPolicy` and only for failures that may pass
 (adit_tasks.core.errors). Tasks use NO_CACHE: no input (a plan holds a pseudonymizer) is
 ever hashed or stored.

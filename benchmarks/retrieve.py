@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import json
 import logging
 import os
 import pstats
@@ -27,6 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
 
 from adit_tasks.core.association import Connection
 from adit_tasks.core.config import RetrieveMethod, Settings
@@ -66,6 +69,7 @@ class Result:
     times: list[float] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     nbytes: int = 0
+    syntaxes: set[str] = field(default_factory=set)  # of every instance ADIT received
 
     @property
     def best(self) -> float:
@@ -80,13 +84,16 @@ class Result:
 
 
 def adit_run(settings: Settings, node: str, study_uid: str, method: RetrieveMethod,
-             sop_classes: set[str] | None, out: Path, receiver: Receiver) -> tuple[int, int]:
-    """Retrieve the study with ADIT, writing each instance to ``out``; (files, bytes)."""
+             sop_classes: set[str] | None, out: Path, receiver: Receiver,
+             syntaxes: set[str]) -> tuple[int, int]:
+    """Retrieve the study with ADIT, writing each instance to ``out``; (files, bytes). The
+    transfer syntax of every instance is added to ``syntaxes``."""
     retriever = make_retriever(Connection(settings.server(node), ADIT_AE), method, receiver)
     count = nbytes = 0
     with retriever.retrieve(study_uid, (), frozenset(sop_classes or ())) as stream:
         for instance in stream:
             (out / f"{instance.sop_instance_uid}.dcm").write_bytes(instance.data)
+            syntaxes.add(instance.transfer_syntax_uid)
             count += 1
             nbytes += len(instance.data)
     return count, nbytes
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="getscu/movescu max receive PDU (DCMTK default 16384, max 131072)")
     parser.add_argument("--profile", action="store_true",
                         help="also cProfile one extra run of each ADIT method")
+    parser.add_argument("--orthanc-only", action="store_true", help="leave out dcmqrscp")
+    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             Target("orthanc", orthanc.ae_title, orthanc.dicom_port,
                    ["c-get", "c-move", "wado-rs"], orthanc.dicomweb_url),
             Target("dcmqrscp", dcmqr.ae_title, dcmqr.port, ["c-get", "c-move"]),
-        ]
+        ][:1 if args.orthanc_only else 2]
         nodes = [{"name": t.name, "ae_title": t.ae_title, "host": LOOPBACK, "port": t.port,
                   "retrieve": t.methods, "dicomweb_url": t.dicomweb_url} for t in targets]
         settings = Settings(ae_title=ADIT_AE, receiver_port=receiver_port,
@@ -275,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target.name}: C-FIND lists {len(found)} instances")
             sop_classes = found.sop_classes or None
             for method in target.methods:
-                def adit(out: Path, t: Target = target, m: RetrieveMethod = method,
-                         classes: set[str] | None = sop_classes) -> tuple[int, int]:
-                    return adit_run(settings, t.name, study_uid, m, classes, out, receiver)
+                result = Result(target.name, f"ADIT {method.upper()}", families[method], "ADIT")
 
-                label = f"ADIT {method.upper()}"
-                results.append(measure(Result(target.name, label, families[method], "ADIT"),
-                                       adit, scratch, args.repeat))
+                def adit(out: Path, t: Target = target, m: RetrieveMethod = method,
+                         classes: set[str] | None = sop_classes,
+                         seen: set[str] = result.syntaxes) -> tuple[int, int]:
+                    return adit_run(settings, t.name, study_uid, m, classes, out, receiver,
+                                    seen)
+
+                label = result.method
+                results.append(measure(result, adit, scratch, args.repeat))
                 if args.profile:
                     out = scratch / "profile"
                     out.mkdir(parents=True, exist_ok=True)
@@ -303,9 +315,20 @@ def main(argv: list[str] | None = None) -> int:
               f"per method\n")
         print_table(results, len(paths))
         complete = all(min(r.counts) == len(paths) for r in results)
+        source_syntaxes = {str(read_file_meta_info(p).TransferSyntaxUID) for p in paths}
+        same = all(r.syntaxes == source_syntaxes for r in results if r.tool == "ADIT")
         print("completeness: " + ("all methods received every instance" if complete
-                                  else "SOME METHODS MISSED INSTANCES"))
-    return 0 if complete else 1
+                                  else "SOME METHODS MISSED INSTANCES")
+              + "; syntax: " + ("ADIT received every instance in the stored syntax" if same
+                                else "ADIT RECEIVED ANOTHER SYNTAX"))
+        if args.json:
+            args.json.write_text(json.dumps({"expected": len(paths), "results": [
+                {"server": r.server, "method": r.method, "tool": r.tool, "median": r.median,
+                 "runs": r.times, "fewest": min(r.counts),
+                 "complete": min(r.counts) == max(r.counts) == len(paths),
+                 "same_syntax": r.syntaxes == source_syntaxes if r.tool == "ADIT" else None}
+                for r in results]}))
+    return 0 if complete and same else 1
 
 
 if __name__ == "__main__":

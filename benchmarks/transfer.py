@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import json
 import logging
 import os
 import pstats
@@ -42,17 +43,17 @@ from pathlib import Path
 
 import py7zr
 from pydicom import dcmread, dcmwrite
+from pydicom.filereader import read_file_meta_info
 
 from adit_tasks.core import verify as verify_module
-from adit_tasks.core.archive import ArchiveWriter
-from adit_tasks.core.association import Connection
-from adit_tasks.core.config import RetryPolicy, Settings
-from adit_tasks.core.get import CGet
+from adit_tasks.core.association import Connection, local_slot
+from adit_tasks.core.config import FolderNode, ServerNode, Settings
 from adit_tasks.core.instances import DicomInstance
-from adit_tasks.core.plan import Gate, TransferPlan
+from adit_tasks.core.options import TransferOptions
+from adit_tasks.core.plan import transfer_plan
 from adit_tasks.core.pseudonymize import Pseudonymizer
 from adit_tasks.core.results import StudyJob
-from adit_tasks.core.sinks import ArchiveSink, FolderSink, ServerSink, Sink, series_folder
+from adit_tasks.core.sinks import series_folder
 from adit_tasks.core.transfer import transfer_study
 from adit_tasks.core.verify import verify
 from adit_tasks.lab.servers import OrthancServer, Peer, free_port
@@ -78,6 +79,7 @@ class Result:
     baseline: str  # "get" (vs getscu), "get+store" (vs getscu + storescu), "" (is a baseline)
     times: list[float] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    same_syntax: bool | None = None  # every arrived instance in the source's syntax (ADIT rows)
 
     @property
     def median(self) -> float:
@@ -114,10 +116,13 @@ class Lab:
 Prepare = Callable[[], object]
 Run = Callable[[object], float | None]  # returns its own time if it is a sum of steps
 Count = Callable[[object], int]
+# The transfer syntaxes of what arrived (ADIT rows; checked after the last run, untimed).
+Syntaxes = Callable[[object], set[str]]
 
 
 def measure(result: Result, prepare: Prepare, run: Run, count: Count, repeat: int,
-            warmup: bool = True) -> Result:
+            warmup: bool = True, syntaxes: Syntaxes | None = None,
+            source_syntaxes: frozenset[str] = frozenset()) -> Result:
     """One warm-up (unless ``warmup`` is false), then ``repeat`` timed runs."""
     for i in range(repeat + (1 if warmup else 0)):
         state = prepare()
@@ -125,6 +130,8 @@ def measure(result: Result, prepare: Prepare, run: Run, count: Count, repeat: in
         own = run(state)
         elapsed = own if own is not None else time.perf_counter() - start
         received = count(state)
+        if syntaxes is not None and i == repeat + (1 if warmup else 0) - 1:
+            result.same_syntax = syntaxes(state) == set(source_syntaxes)
         if warmup and i == 0:
             continue
         result.times.append(elapsed)
@@ -142,51 +149,83 @@ def count_files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".part"))
 
 
-def adit_transfer(lab: Lab, sink: Sink, pseudonymize: bool) -> None:
-    """transfer_study by C-GET with a plan built as a run's edge would (no Prefect)."""
-    conn = lab.conn("source")
-    plan = TransferPlan(source=conn, retriever=CGet(conn), sink=sink, destination=None,
-                        pseudonymizer=Pseudonymizer(SECRET) if pseudonymize else None,
-                        gate=Gate.of(conn.node), retry=RetryPolicy(0, 0.0))
-    transfer_study(plan, StudyJob(lab.study_uid))
+def adit_transfer(lab: Lab, target: ServerNode | FolderNode, options: TransferOptions) -> None:
+    """One study by C-GET through the public entry points a flow's edge and task use
+    (`transfer_plan`, `transfer_study`), without Prefect; an archive is finished after."""
+    settings = lab.settings
+    jobs = [StudyJob(lab.study_uid)]
+    with transfer_plan(settings.server("source"), target, options, jobs,
+                       calling_ae=settings.ae_title, receiver=settings.receiver,
+                       retry=settings.retry, method="c-get", pseudonym_secret=SECRET,
+                       archive_password=ARCHIVE_PASSWORD, slot=local_slot) as plan:
+        transfer_study(plan, jobs[0])
+        if plan.archive is not None:
+            plan.archive.finish()
 
 
-def adit_folder(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count]:
+def folder_node(path: Path) -> FolderNode:
+    return FolderNode(name="folder", path=path)
+
+
+def file_syntaxes(folder: Path) -> set[str]:
+    return {str(read_file_meta_info(p).TransferSyntaxUID) for p in folder.rglob("*.dcm")}
+
+
+def adit_folder(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count, Syntaxes]:
     def prepare() -> Path:
         return lab.fresh_dir("adit-folder")
 
     def run(out: object) -> None:
         assert isinstance(out, Path)
-        adit_transfer(lab, FolderSink(out), pseudonymize)
+        adit_transfer(lab, folder_node(out), TransferOptions(pseudonymize=pseudonymize))
 
-    return prepare, run, lambda out: count_files(out)  # type: ignore[arg-type]
+    return (prepare, run, lambda out: count_files(out),  # type: ignore[arg-type]
+            lambda out: file_syntaxes(out))  # type: ignore[arg-type]
 
 
-def adit_pacs(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count]:
+def orthanc_syntaxes(server: OrthancServer) -> set[str]:
+    """The transfer syntax Orthanc recorded for every instance it holds."""
+    return {server.client.get(f"/instances/{i}/metadata/TransferSyntax").text.strip()
+            for i in server.client.get("/instances").json()}
+
+
+def adit_pacs(lab: Lab, pseudonymize: bool) -> tuple[Prepare, Run, Count, Syntaxes]:
     def prepare() -> None:
         lab.dest.clear()
 
     def run(_: object) -> None:
-        adit_transfer(lab, ServerSink(lab.conn("dest")), pseudonymize)
+        adit_transfer(lab, lab.settings.server("dest"),
+                      TransferOptions(pseudonymize=pseudonymize))
 
-    return prepare, run, lambda _: lab.dest.instance_count()
+    return (prepare, run, lambda _: lab.dest.instance_count(),
+            lambda _: orthanc_syntaxes(lab.dest))
 
 
-def adit_archive(lab: Lab, compress: bool) -> tuple[Prepare, Run, Count]:
+def adit_archive(lab: Lab, compress: bool) -> tuple[Prepare, Run, Count, Syntaxes]:
     def prepare() -> Path:
-        return lab.fresh_dir("adit-archive") / "job.7z"
+        return lab.fresh_dir("adit-archive")
 
-    def run(path: object) -> None:
-        assert isinstance(path, Path)
-        writer = ArchiveWriter(path, ARCHIVE_PASSWORD, compress=compress)
-        adit_transfer(lab, ArchiveSink(writer), pseudonymize=True)
-        writer.finish()
+    def run(out: object) -> None:
+        assert isinstance(out, Path)
+        adit_transfer(lab, folder_node(out),
+                      TransferOptions(pseudonymize=True, archive=True, compress=compress))
 
-    def count(path: object) -> int:
-        with py7zr.SevenZipFile(path, "r", password=ARCHIVE_PASSWORD) as archive:  # type: ignore[arg-type]
-            return sum(1 for info in archive.list() if not info.is_directory)
+    def archive(out: object) -> Path:
+        assert isinstance(out, Path)
+        return next(out.glob("*.7z"))
 
-    return prepare, run, count
+    def count(out: object) -> int:
+        with py7zr.SevenZipFile(archive(out), "r", password=ARCHIVE_PASSWORD) as seven:
+            return sum(1 for info in seven.list()
+                       if not info.is_directory and info.filename.endswith(".dcm"))
+
+    def syntaxes(out: object) -> set[str]:
+        unpacked = lab.fresh_dir("adit-archive-unpacked")
+        with py7zr.SevenZipFile(archive(out), "r", password=ARCHIVE_PASSWORD) as seven:
+            seven.extractall(path=unpacked)
+        return file_syntaxes(unpacked)
+
+    return prepare, run, count, syntaxes
 
 
 def run_tool(cmd: list[str]) -> None:
@@ -288,7 +327,7 @@ def profile_pseudonymized_folder(lab: Lab, top: int = 15) -> None:
     out = lab.fresh_dir("profile")
     start = time.perf_counter()
     with profiled_threads() as (main, threads):
-        adit_transfer(lab, FolderSink(out), pseudonymize=True)
+        adit_transfer(lab, folder_node(out), TransferOptions(pseudonymize=True))
     wall = time.perf_counter() - start
     ok = count_files(out)
     stats = pstats.Stats(main)
@@ -431,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dcmtk-pdu", type=int, default=131072,
                         help="getscu/storescu max receive PDU (DCMTK default 16384)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile")
+    parser.add_argument("--no-lzma", action="store_true", help="skip the LZMA2 archive run")
+    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -465,29 +506,43 @@ def main(argv: list[str] | None = None) -> int:
                                 {"name": "dest", "ae_title": DEST_AE, "host": LOOPBACK,
                                  "port": dest.dicom_port, "retrieve": ["c-get"]}])
         lab = Lab(root, source, dest, settings, spec.study_uid, paths, args.dcmtk_pdu)
+        source_syntaxes = frozenset(str(read_file_meta_info(p).TransferSyntaxUID)
+                                    for p in paths)
+
+        def adit(name: str, baseline: str, scenario: tuple[Prepare, Run, Count, Syntaxes],
+                 repeat: int = args.repeat, warmup: bool = True) -> Result:
+            prepare, run, count, syntaxes = scenario
+            return measure(Result(name, baseline), prepare, run, count, repeat, warmup,
+                           syntaxes, source_syntaxes)
 
         print(f"\n{args.repeat} timed runs after 1 warm-up each:")
         results = [
             measure(Result("DCMTK getscu", ""), *dcmtk_get(lab), args.repeat),
             measure(Result("DCMTK getscu+storescu", ""), *dcmtk_get_store(lab), args.repeat),
             measure(Result("Orthanc peer store (REST)", ""), *orthanc_peer(lab), args.repeat),
-            measure(Result("ADIT PACS->folder", "get"), *adit_folder(lab, False), args.repeat),
-            measure(Result("ADIT PACS->folder pseudo", "get"), *adit_folder(lab, True),
-                    args.repeat),
-            measure(Result("ADIT PACS->PACS", "get+store"), *adit_pacs(lab, False),
-                    args.repeat),
-            measure(Result("ADIT PACS->PACS pseudo", "get+store"), *adit_pacs(lab, True),
-                    args.repeat),
-            measure(Result("ADIT PACS->archive pseudo", "get"), *adit_archive(lab, False),
-                    args.repeat),
-            measure(Result("ADIT PACS->archive pseudo LZMA2", "get"),
-                    *adit_archive(lab, True), 1, warmup=False),
+            adit("ADIT PACS->folder", "get", adit_folder(lab, False)),
+            adit("ADIT PACS->folder pseudo", "get", adit_folder(lab, True)),
+            adit("ADIT PACS->PACS", "get+store", adit_pacs(lab, False)),
+            adit("ADIT PACS->PACS pseudo", "get+store", adit_pacs(lab, True)),
+            adit("ADIT PACS->archive pseudo", "get", adit_archive(lab, False)),
         ]
+        if not args.no_lzma:
+            results.append(adit("ADIT PACS->archive pseudo LZMA2", "get",
+                                adit_archive(lab, True), 1, warmup=False))
 
         print(f"\n{args.instances} instances, {nbytes / 1e6:.1f} MB\n")
         complete = print_table(results, lab.expected, nbytes)
+        same = all(r.same_syntax is not False for r in results)
         print("completeness: " + ("every scenario delivered every instance" if complete
-                                  else "SOME SCENARIOS MISSED INSTANCES"))
+                                  else "SOME SCENARIOS MISSED INSTANCES")
+              + "; syntax: " + ("every ADIT scenario kept the source's transfer syntax"
+                                if same else "SOME SCENARIOS CHANGED THE TRANSFER SYNTAX"))
+        if args.json:
+            args.json.write_text(json.dumps({"expected": lab.expected, "scenarios": {
+                r.name: {"median": r.median, "runs": r.times, "fewest": min(r.counts),
+                         "complete": min(r.counts) == max(r.counts) == lab.expected,
+                         "same_syntax": r.same_syntax} for r in results}}))
+        complete = complete and same
         if not args.no_profile:
             profile_pseudonymized_folder(lab)
             offline_breakdown(lab)

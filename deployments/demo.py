@@ -3,8 +3,10 @@
 Starts two local Orthanc PACS servers on loopback (the source with DICOMweb), fills the source
 with generated studies, writes `.demo/nodes.yaml` for them, and then runs the `adit` commands a
 user would type: list nodes, echo, query, and transfers (to a folder and PACS to PACS) as
-Prefect flow runs. The servers keep running afterwards so you can try more commands;
-`python -m deployments.demo --stop` stops them (by the PIDs recorded in `.demo/pids`).
+Prefect flow runs. The PACS servers keep running afterwards so you can try more commands;
+`python -m deployments.demo --stop` stops them (by the PIDs recorded in `.demo/pids`). The
+local Prefect server the first transfer starts (flows/runtime.py) is stopped when the demo
+ends, unless it was running before.
 `--servers-only` (`make demo-servers`) starts the two PACS, fills the source, writes
 `.demo/nodes.yaml` and `.demo/studies.txt` (the source's StudyInstanceUIDs) and runs nothing:
 for trying a cluster of workers on them.
@@ -13,9 +15,11 @@ for trying a cluster of workers on them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +30,7 @@ import yaml
 
 from adit_tasks.lab.servers import OrthancServer, Peer, free_port
 from adit_tasks.lab.synthetic import ct_study_spec, demo_specs, write_study
+from flows.runtime import running_server
 
 DEMO_DIR = Path(".demo")
 PIDS = DEMO_DIR / "pids.json"
@@ -68,6 +73,8 @@ def main() -> None:
     if args.stop:
         return
     DEMO_DIR.mkdir(exist_ok=True)
+    # Each demo delivers into an empty folder, so that its verification covers its own jobs.
+    shutil.rmtree(DEMO_DIR / "downloads", ignore_errors=True)
     receiver_port = free_port()
     adit_peer = Peer("ADIT", "127.0.0.1", receiver_port)
     source = OrthancServer(DEMO_DIR / "pacs1", ae_title="PACS1", dicomweb=True, peers=[adit_peer])
@@ -105,6 +112,10 @@ def main() -> None:
         return
 
     ct = specs[-1]
+    if running_server() is None:
+        # The first command that runs a flow starts the local Prefect server, kept for later
+        # commands (and `adit serve` at the end): the demo stops it when it ends.
+        atexit.register(adit, "server", "stop")
     failures = 0
     failures += adit("nodes") != 0
     failures += adit("echo", "pacs1") != 0
@@ -127,16 +138,27 @@ def main() -> None:
     print("\nThe same pseudonymized transfer again: nothing is sent twice.")
     failures += adit("transfer", "--source", "pacs1", "--destination", "pacs2",
                      "--study", specs[2].study_uid, "--pseudonym", "SUBJECT-001") != 0
+    print("\nNIfTI beside the DICOM files (dcm2niix), pseudonymized first:")
+    failures += adit("transfer", "--source", "pacs1", "--destination", "downloads",
+                     "--study", ct.study_uid, "--pseudonymize", "--trial-id", "DEMO",
+                     "--nifti", "also") != 0
     print("\nBatch files (examples/): find studies, then transfer a list pseudonymized.")
     failures += adit("batch-query", "examples/batch_query.csv", "--source", "pacs1",
                      "--out", str(DEMO_DIR / "found.csv")) != 0
     failures += adit("batch-transfer", "examples/batch_transfer.csv", "--source", "pacs1",
                      "--destination", "downloads", "--pseudonymize",
                      "--out", str(DEMO_DIR / "transferred.csv")) != 0
+    print("\nA recipient checks each delivery against its manifest (exit 0: all there, "
+          "unchanged):")
+    failures += adit("verify", str(DEMO_DIR / "downloads")) != 0
+    for archive in sorted((DEMO_DIR / "downloads").glob("*.7z")):
+        failures += adit("verify", str(archive)) != 0
     written = len(list((DEMO_DIR / "downloads").rglob("*.dcm")))
+    volumes = len(list((DEMO_DIR / "downloads").rglob("*.nii.gz")))
     archives = [p.name for p in (DEMO_DIR / "downloads").glob("*.7z")]
-    print(f"\nDemo done: {written} files and the archive(s) {', '.join(archives)} in "
-          f"{DEMO_DIR / 'downloads'} (archive password: demo), "
+    print(f"\nDemo done: {written} DICOM files, {volumes} NIfTI volume(s) and the "
+          f"archive(s) {', '.join(archives)} in {DEMO_DIR / 'downloads'} (archive password: "
+          "demo), "
           f"{research.instance_count()} instances on pacs2 ({research.url}).")
     print(f"Try more:  ADIT_NODES_FILE={DEMO_DIR}/nodes.yaml .venv/bin/adit --help")
     print("Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")

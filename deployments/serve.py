@@ -1,10 +1,11 @@
 """`adit serve`: the embedded default for the web interface, in one command.
 
-Starts (or reuses) a local Prefect server with SQLite on 127.0.0.1, creates the per-node
-global concurrency limits, and serves every flow of the product as a deployment from this one
-process (no work pool needed). Flow runs started from the UI run here, with the nodes file
-this command was given. Stopping it (Ctrl-C) pauses the deployments and stops the Prefect
-server if this command started it.
+Starts (or reuses) a local Prefect server with SQLite on 127.0.0.1 (the CLI's local server of
+flows/runtime.py when it runs on the port: same Prefect home, same database), creates the
+per-node global concurrency limits, and serves every flow of the product as a deployment from
+this one process (no work pool needed). Flow runs started from the UI run here, with the nodes
+file this command was given. Stopping it (Ctrl-C) pauses the deployments and stops the Prefect
+server if this command started it (a server it reused keeps running).
 
 The server's API URL is a Prefect setting for the serving block (flows/runtime.py
 `prefect_settings`), not an environment variable: the flow-run processes `prefect.serve`
@@ -13,36 +14,24 @@ starts get it from Prefect, which passes its current settings on to them.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from flows.runtime import (
     DEFAULT_PORT,
+    LOG_FILE,
+    ServerError,
     local_api_url,
+    local_server,
+    prefect_home,
     prefect_settings,
     server_healthy,
+    start_prefect_server,
     stop_process_group,
+    wait_healthy,
 )
-
-
-def start_prefect_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    """A local Prefect server (SQLite under PREFECT_HOME) bound to 127.0.0.1 only, in its own
-    session (stopped with its process group), without analytics."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_UI_API_URL": local_api_url(port)}
-    env.pop("PREFECT_API_URL", None)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True)
 
 
 def deployments(nodes_file: str, settings: Any = None) -> list:
@@ -93,20 +82,17 @@ def serve(settings: Any, port: int = DEFAULT_PORT) -> int:
     # it, and treat SIGTERM the same, so the Prefect server we start is always stopped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    from prefect.settings import PREFECT_HOME
-
-    api_url = local_api_url(port)
+    recorded = local_server()  # the CLI's local server, when it runs on this port
+    api_url = recorded.api_url if recorded and recorded.port == port else local_api_url(port)
     started = None
     if not server_healthy(api_url):
-        log = Path(PREFECT_HOME.value()) / "adit-server.log"
-        started = start_prefect_server(port, log)
-        deadline = time.monotonic() + 90
-        while not server_healthy(api_url):
-            if started.poll() is not None or time.monotonic() > deadline:
-                print(f"error: the Prefect server did not start; see {log}", file=sys.stderr)
-                stop_process_group(started)
-                return 1
-            time.sleep(0.5)
+        log = prefect_home() / LOG_FILE
+        started = start_prefect_server(port, log, prefect_home())
+        try:
+            wait_healthy(started, api_url, log)
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         with prefect_settings(api_url):
             from prefect import serve as prefect_serve

@@ -28,12 +28,14 @@ from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.batch import BatchRow, read_batch_file
 from adit_tasks.core.batch_query import result_row
 from adit_tasks.core.config import RetrieveMethod, load_settings
+from adit_tasks.core.notice import status_counts
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import Gate
 from adit_tasks.core.results import StudyJob, StudyResult
 from adit_tasks.core.tables import check_table_path, write_table
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
+from adit_tasks.notify import Notifier, notifier_for, notify_end
 from adit_tasks.runs import (
     Progress,
     publish_table,
@@ -60,6 +62,7 @@ def batch_query_flow(
     window: str = "",
     urgent: bool = False,
     nodes_file: str | None = None,
+    notify: list[str] | None = None,
 ) -> State:
     """Look up every row of `batch` (a .csv/.xlsx path, or pasted CSV) on `source`.
 
@@ -67,8 +70,10 @@ def batch_query_flow(
     StudyInstanceUID; From/Until, Modality, StudyDescription narrow the search,
     SeriesDescription/SeriesNumber (or level=series) list series. Results go to `out`.
     Queries run inside the source's transfer window (or `window`) unless `urgent`.
+    `notify`: e-mail addresses and http(s) webhook URLs told when the run ends.
     """
     settings = load_settings(nodes_file)
+    notifier = notifier_for(settings, notify)
     node = settings.server(source)
     if out:
         check_table_path(out)
@@ -104,11 +109,11 @@ def batch_query_flow(
                               [result_row(r, level, "postponed", later) for r in chunk])]
     return _finish(results, out, key="batch-query-result", public=[
         "Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
-        "NumberOfStudyRelatedInstances"])
+        "NumberOfStudyRelatedInstances"], notifier=notifier, kind="batch query")
 
 
 @flow(name="batch-transfer", flow_run_name="batch-transfer-{source}-to-{destination}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=8), persist_result=False)
 def batch_transfer_flow(
     batch: str,
     source: str,
@@ -117,15 +122,18 @@ def batch_transfer_flow(
     out: str = "",
     method: RetrieveMethod | None = None,
     nodes_file: str | None = None,
+    notify: list[str] | None = None,
 ) -> State:
     """Transfer the studies listed in `batch` (a .csv/.xlsx path, or pasted CSV).
 
     Rows need PatientID and StudyInstanceUID; SeriesInstanceUID limits a row to a series,
     Pseudonym names the patient when pseudonymizing. Rows of one study become one transfer.
     A batch query's result file can be used as it is (rows it found nothing for are skipped).
+    `notify`: e-mail addresses and http(s) webhook URLs told when the run ends.
     """
     options = options or TransferOptions()
     settings = load_settings(nodes_file)
+    notifier = notifier_for(settings, notify)
     if out:
         check_table_path(out)
     rows = read_batch_file(batch, "transfer")
@@ -136,7 +144,8 @@ def batch_transfer_flow(
     public = ["Row", "Status", "Instances", "Message"] + (
         ["Pseudonym", "DestinationStudyInstanceUID"] if options.pseudonymizing
         else ["StudyInstanceUID"])
-    return _finish(results, out, key="batch-transfer-result", public=public)
+    return _finish(results, out, key="batch-transfer-result", public=public,
+                   notifier=notifier, kind="batch transfer")
 
 
 def _jobs(rows: list[BatchRow], options: TransferOptions) -> tuple[list[StudyJob],
@@ -190,19 +199,20 @@ def _postponed_message(node: str, opens: dt.datetime | None) -> str:
     return message
 
 
-def _finish(results: list[Result], out: str, *, key: str, public: list[str]) -> State:
-    """Write the result file, publish the table's non-identifying columns, and end the run:
-    Failed when any row failed, the result rows as its data either way."""
+def _finish(results: list[Result], out: str, *, key: str, public: list[str],
+            notifier: Notifier, kind: str) -> State:
+    """Write the result file, publish the table's non-identifying columns, tell the
+    notifier's recipients and end the run: Failed when any row failed, the result rows as
+    its data either way."""
     if out:
         write_table(results, out)
-    counts: dict[str, int] = {}
-    for result in results:
-        counts[result["Status"]] = counts.get(result["Status"], 0) + 1
+    counts = status_counts(result["Status"] for result in results)
     line = f"{len(results)} rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     if out:
         line += f"; results written to {out}"
     publish_table([{c: r.get(c, "") for c in public} for r in results], key=key,
                   description=line)
+    notify_end(notifier, kind, counts, unit="rows")
     failed = counts.get("failure", 0)
     if failed:
         return Failed(message=f"{failed} of {len(results)} rows failed", data=results)

@@ -38,6 +38,7 @@ from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import Gate
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
+from adit_tasks.notify import notifier_for, notify_end
 from adit_tasks.runs import publish_table, run_task, transfer_jobs
 from adit_tasks.secrets import read_secrets
 from adit_tasks.tasks import find_chunk_task
@@ -69,6 +70,7 @@ def continuous_transfer_flow(
     find_limit: int = 0,
     recheck_chunks: int = 1,
     nodes_file: str | None = None,
+    notify: list[str] | None = None,
 ) -> State:
     """Transfer every study of `source` that matches the filters to `destination`, past and
     future, a bit more each run. `job` names the job (its state); jobs with different filters
@@ -94,10 +96,12 @@ def continuous_transfer_flow(
     Patterns (descriptions, institution) are DICOM wildcards (`*thorax*`) or case-insensitive
     regular expressions between slashes (`/thorax|chest/`). `find_limit`: the most results the
     source returns for one C-FIND (0: no limit known); fuller answers are split by date.
+    `notify`: e-mail addresses and http(s) webhook URLs told when a run has failures.
     """
     logger = get_run_logger()
     options = options or TransferOptions()
     settings = load_settings(nodes_file)
+    notifier = notifier_for(settings, notify)
     node = settings.server(source)
     settings.node(destination)
     sweep = Sweep.of(start_date, end_date, chunk_days, overlap_days, recheck_chunks,
@@ -150,5 +154,8 @@ def continuous_transfer_flow(
                   key=f"continuous-{re.sub(r'[^a-z0-9-]', '-', job.lower())}",
                   description=f"continuous job {job}, run {planner.state.runs}: {line}")
     if result["failed"]:
+        # Only runs with failures notify: a run every 30 minutes would flood the inbox.
+        notify_end(notifier, "continuous transfer", planner.tally.as_dict(),
+                   outcome="partial" if result["transferred"] else "failure")
         return Failed(message=line, data=result)
     return Completed(message=line, data=result)

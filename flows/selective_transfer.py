@@ -28,9 +28,11 @@ from pydantic import Field, create_model
 from adit_tasks.core import find
 from adit_tasks.core.association import Connection, slot_held_by_caller
 from adit_tasks.core.config import ServerNode, load_settings
+from adit_tasks.core.notice import status_counts
 from adit_tasks.core.options import StudySearch, TransferOptions
 from adit_tasks.core.results import StudyJob
 from adit_tasks.limits import ensure_node_limits
+from adit_tasks.notify import notifier_for, notify_end
 from adit_tasks.runs import publish, run_task, transfer_jobs
 from adit_tasks.tasks import find_task
 
@@ -79,15 +81,18 @@ def selective_transfer_flow(
     limit: int = 50,
     timeout_minutes: float = 60,
     nodes_file: str | None = None,
+    notify: list[str] | None = None,
 ) -> State:
     """Search `source`, wait for a person to pick studies in the UI, transfer them.
 
     `search`: the search fields (DICOM wildcards * ?; dates as YYYY-MM-DD or FROM-UNTIL).
     At most `limit` studies are offered; more results end the run with a request to narrow
     the search. The destination and options are chosen in the form (default `destination`).
+    `notify`: e-mail addresses and http(s) webhook URLs told when the transfer ends.
     """
     logger = get_run_logger()
     settings = load_settings(nodes_file)
+    notifier = notifier_for(settings, notify)
     node = settings.server(source)
     settings.node(destination)
     ensure_node_limits([node])
@@ -125,4 +130,6 @@ def selective_transfer_flow(
     logger.info("%d of %d studies selected", len(picked), len(studies))
     jobs = [StudyJob(s.StudyInstanceUID, (), options.pseudonym) for s in picked]
     results = transfer_jobs(settings, source, choice.destination, jobs, options)
-    return publish(results, pseudonymizing=options.pseudonymizing)
+    state = publish(results, pseudonymizing=options.pseudonymizing)
+    notify_end(notifier, "selective transfer", status_counts(r.status for r in results))
+    return state

@@ -20,8 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from adit_tasks.core.config import RetrieveMethod, load_settings
 from adit_tasks.core.errors import ConfigError, InvalidInput
 from adit_tasks.core.find import is_uid
+from adit_tasks.core.notice import status_counts
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.results import StudyJob
+from adit_tasks.notify import notifier_for, notify_end
 from adit_tasks.runs import publish, transfer_jobs
 
 
@@ -35,6 +37,7 @@ def transfer_flow(
     options: TransferOptions | None = None,
     method: RetrieveMethod | None = None,
     nodes_file: str | None = None,
+    notify: list[str] | None = None,
 ) -> State:
     """Transfer `studies` (StudyInstanceUIDs) from `source` to `destination`.
 
@@ -42,7 +45,9 @@ def transfer_flow(
     `options`: pseudonymization, trial, archive and window (see TransferOptions). The
     pseudonymization key comes from ADIT_PSEUDONYM_SECRET (or the Prefect Secret block
     `adit-pseudonym-secret`), the archive password from ADIT_ARCHIVE_PASSWORD (or
-    `adit-archive-password`). Returns one result per study.
+    `adit-archive-password`). `notify`: e-mail addresses and http(s) webhook URLs told
+    when the run ends (besides the nodes file's `notify.recipients`). Returns one result per
+    study.
     """
     options = options or TransferOptions()
     study_uids = checked_uids(studies, "StudyInstanceUID")
@@ -52,9 +57,12 @@ def transfer_flow(
     if series_uids and len(study_uids) != 1:
         raise ConfigError("series can only be selected when exactly one study is given")
     jobs = [StudyJob(uid, series_uids, options.pseudonym) for uid in study_uids]
-    results = transfer_jobs(load_settings(nodes_file), source, destination, jobs, options,
-                            method)
-    return publish(results, pseudonymizing=options.pseudonymizing)
+    settings = load_settings(nodes_file)
+    notifier = notifier_for(settings, notify)
+    results = transfer_jobs(settings, source, destination, jobs, options, method)
+    state = publish(results, pseudonymizing=options.pseudonymizing)
+    notify_end(notifier, "transfer", status_counts(r.status for r in results))
+    return state
 
 
 def checked_uids(values: list[str], what: str) -> list[str]:

@@ -74,7 +74,7 @@ def test_a_study_with_a_withheld_instance_ends_with_a_warning_naming_the_attribu
     class Source:
         method = "fake"
 
-        def retrieve(self, study_uid, series_uids, sop_classes):
+        def retrieve(self, study_uid, series_uids, sop_classes, listed=None):
             return InstanceStream(lambda put: [put(i) for i in instances])
 
     plan = SimpleNamespace(source=SimpleNamespace(node=SimpleNamespace(name="pacs")),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from adit_tasks.core import find
+from adit_tasks.core.association import Connection
 from adit_tasks.core.errors import InvalidInput
 from adit_tasks.core.find import Level, Query
 from adit_tasks.core.options import StudySearch
@@ -116,3 +119,19 @@ def test_invalid_uid_is_rejected_at_the_edge_before_any_network(prefect_server,
         transfer_flow("pacs", "out", ["1.2.3.abc"], nodes_file=str(nowhere))
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         StudySearch(study_uid="1.2.3.abc")
+
+
+def test_completing_counts_never_needs_a_second_slot(lab) -> None:
+    """dcmqrscp leaves out the study-level counts: completing them (series level) must not
+    open a second association while the study-level C-FIND still holds the node's only slot
+    (it waited for itself for ever)."""
+    settings = lab.settings()
+    node = settings.server("dcmqrscp").model_copy(update={"max_associations": 1})
+    conn = Connection(node, settings.ae_title)
+    found: list = []
+    worker = threading.Thread(target=lambda: found.extend(
+        find.find_studies(conn, Query(patient_id=lab.ct.patient_id))), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "find_studies deadlocked on the node's only slot"
+    assert [s.NumberOfStudyRelatedInstances for s in found] == [150]

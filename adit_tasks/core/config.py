@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adit_tasks.core.errors import ConfigError, UnknownNode
+from adit_tasks.core.notice import is_email, recipients
 from adit_tasks.core.windows import check_window_text
 
 DEFAULT_NODES_FILE = Path("nodes.yaml")
@@ -69,7 +70,9 @@ class ServerNode(_Strict):
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     dicomweb_url: str | None = None
-    # Retrieval methods the server supports, in order of preference.
+    # Retrieval methods the server supports, in order of preference. Not listed: the fastest
+    # first (measured, benchmarks/retrieve.py): wado-rs (where dicomweb_url is set), c-get,
+    # c-move. Listed: that order, as given.
     retrieve: list[RetrieveMethod] = Field(default_factory=lambda: ["c-get", "c-move"])
     find: bool = True  # answers C-FIND (or QIDO-RS for DICOMweb-only nodes)
     store: bool = True  # accepts C-STORE (or STOW-RS)
@@ -134,6 +137,8 @@ class ServerNode(_Strict):
             raise ValueError("a DIMSE server needs ae_title, host and port together")
         if not self.has_dimse and not self.dicomweb_url:
             raise ValueError("needs ae_title/host/port (DIMSE), dicomweb_url, or path (a folder)")
+        if "retrieve" not in self.model_fields_set and self.dicomweb_url:
+            object.__setattr__(self, "retrieve", ["wado-rs", "c-get", "c-move"])
         if "wado-rs" in self.retrieve and not self.dicomweb_url:
             raise ValueError("retrieve lists wado-rs but dicomweb_url is not set")
         if not self.has_dimse and set(self.retrieve) - {"wado-rs"}:
@@ -184,9 +189,47 @@ class ContinuousJob(_Strict):
     max_studies_per_run: int = Field(default=500, ge=1)
     find_limit: int = Field(default=0, ge=0)
     recheck_chunks: int = Field(default=1, ge=0)  # history chunks re-checked per run
+    # Told when a run has failures (e-mail addresses, http(s) webhook URLs), besides
+    # notify.recipients.
+    notify: list[str] = Field(default_factory=list)
     # Transfer options (pseudonymize, pseudonym, trial_id, trial_name, dates, archive, window,
     # urgent, ...), as in flows/options.py TransferOptions.
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, value: list[str]) -> list[str]:
+        recipients(value)  # InvalidInput (a ValueError) names the bad entry
+        return [v.strip() for v in value]
+
+
+class NotifySettings(_Strict):
+    """Where job-end notifications go (README, "Notifications"): the SMTP server of the
+    e-mails and the recipients every job notifies. The SMTP password is a secret:
+    `ADIT_SMTP_PASSWORD` (environment or .env), never this file."""
+
+    smtp_host: str = ""  # empty: the Prefect block `adit-email`, if any
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)  # default: by security
+    smtp_security: Literal["none", "starttls", "ssl"] = "starttls"
+    sender: str = ""  # the From address (default: username)
+    username: str = ""  # empty: no SMTP login
+    # Notified at the end of every job, besides a job's own `notify` list: e-mail addresses
+    # and http(s) webhook URLs.
+    recipients: list[str] = Field(default_factory=list)
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        recipients(value, "recipients")  # InvalidInput (a ValueError) names the bad entry
+        return [v.strip() for v in value]
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        value = value.strip()
+        if value and not is_email(value):
+            raise ValueError("must be an e-mail address")
+        return value
 
 
 def _node_kind(raw: Any) -> str:
@@ -218,9 +261,11 @@ class Settings(BaseSettings):
     retries: int = Field(default=3, ge=0, le=20)  # retries of a retriable study failure
     retry_delay_seconds: float = Field(default=10.0, ge=0)  # first delay; doubles each retry
     continuous: list[ContinuousJob] = Field(default_factory=list)  # jobs `adit serve` schedules
+    notify: NotifySettings = Field(default_factory=NotifySettings)  # job-end notifications
     # Secrets: from the environment or .env only (load_settings refuses them in the YAML file).
     pseudonym_secret: SecretStr | None = None
     archive_password: SecretStr | None = None
+    smtp_password: SecretStr | None = None  # of notify.username
 
     @field_validator("ae_title")
     @classmethod
@@ -305,7 +350,7 @@ class ReceiverAddress:
     port: int
 
 
-SECRET_KEYS = ("pseudonym_secret", "archive_password")
+SECRET_KEYS = ("pseudonym_secret", "archive_password", "smtp_password")
 
 
 def nodes_file_path(explicit: Path | str | None = None) -> Path:
@@ -329,6 +374,10 @@ def load_settings(nodes_file: Path | str | None = None) -> Settings:
         data = loaded or {}
     elif nodes_file is not None or "ADIT_NODES_FILE" in os.environ:
         raise ConfigError(f"{path}: nodes file not found")
+    notify = data.get("notify")
+    if isinstance(notify, dict) and {"password", "smtp_password"} & set(notify):
+        raise ConfigError(f"{path}: field 'notify.password': secrets are not read from the "
+                          "nodes file; set ADIT_SMTP_PASSWORD in the environment or .env")
     for key in SECRET_KEYS:
         if key in data:
             raise ConfigError(f"{path}: field '{key}': secrets are not read from the nodes "

@@ -174,6 +174,11 @@ class Rules:
         }
         return [(column, code) for column, code in _OPTION_CODES.items() if active[column]]
 
+    def method_codes(self) -> list[tuple[str, str]]:
+        """(CodeValue, CodeMeaning) of CID 7050 for what these options apply, the basic
+        profile first: the DeidentificationMethodCodeSequence, and the manifest's header."""
+        return [CODES[key] for key in ["basic"] + [code for _, code in self.active]]
+
     def action(self, tag: int, vr: str | None) -> tuple[Action, bool]:
         """(action, listed): what happens to a public element, and whether the table lists
         it. `vr` None: a tag the dictionary does not know."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -34,21 +34,28 @@ ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[bytes]:
-    """The bodies of a multipart/related stream, one part at a time (RFC 2046 5.1)."""
+    """The bodies of a multipart/related stream, one part at a time (RFC 2046 5.1).
+
+    Memory holds one part and one chunk; each chunk is searched once (a 50 MB multi-frame
+    part arriving in 1 MB chunks is not scanned again from its start for every chunk)."""
     delimiter = b"\r\n--" + boundary
     buffer = bytearray(b"\r\n")  # lets the first delimiter match like the others
+    searched = 0  # no delimiter starts before this offset of the buffer
     in_part = False
     for chunk in chunks:
         buffer += chunk
         while True:
-            pos = buffer.find(delimiter)
+            pos = buffer.find(delimiter, searched)
             if pos < 0:
+                searched = max(0, len(buffer) - len(delimiter) + 1)
                 break
             if in_part:
-                part = bytes(buffer[:pos])
-                header_end = part.find(b"\r\n\r\n")
-                yield part[header_end + 4:] if header_end >= 0 else part
+                header_end = buffer.find(b"\r\n\r\n", 0, pos)
+                with memoryview(buffer) as view:  # one copy of the body, not two
+                    body = bytes(view[header_end + 4 if header_end >= 0 else 0:pos])
+                yield body
             del buffer[: pos + len(delimiter)]
+            searched = 0
             if buffer[:2] == b"--":  # closing delimiter
                 return
             in_part = True
@@ -71,7 +78,8 @@ class WadoRs:
     method: str = "wado-rs"
 
     def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
-                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
+                 sop_classes: frozenset[str] = frozenset(),
+                 instances: Mapping[str, str] | None = None) -> InstanceStream:
         return wado_study(self.conn.node, study_uid, series_uids, slot=self.conn.slot)
 
 

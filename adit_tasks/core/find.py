@@ -296,9 +296,12 @@ def find_patients(conn: Connection, query: Query) -> list[Patient]:
 def find_studies(conn: Connection, query: Query) -> list[Study]:
     """Study-level C-FIND, with counts and modalities completed where the server omits them."""
     patient_root = conn.node.query_root == "patient" and bool(query.patient_id)
+    # All answers first: completing one opens another association, and the node's only slot
+    # may be the one this C-FIND holds.
+    answers = [Study(**_answer(ds, Study)) for ds in find_datasets(
+        conn, _identifier(query, Level.STUDY), patient_root=patient_root)]
     studies = []
-    for ds in find_datasets(conn, _identifier(query, Level.STUDY), patient_root=patient_root):
-        study = Study(**_answer(ds, Study))
+    for study in answers:
         if not study.StudyInstanceUID:
             logger.warning("%s: a C-FIND result without a valid StudyInstanceUID was left out",
                            conn.node.name)

@@ -25,6 +25,16 @@ contexts, i.e. `FULL_CLASSES_PER_ASSOCIATION` (3) fully offered classes, so:
    that offers its (now known) class fully. Such PACS cost a second transfer of those
    instances; nothing converted is ever delivered as if it were the stored data.
 
+Parallel associations. Where the node has spare slots (adit_tasks.core.association) and the
+study is large enough (`MIN_PER_ASSOCIATION` instances per association), a round's requests
+are shared by up to `max_associations` associations offering the same contexts: the caller's
+list of instances (or the PACS's listing) is cut into whole series and, for a large series,
+image-level UID lists (`split_requests`), about two per association, largest first, and each
+association takes the next one when it is done. Measured on 2 cores (150-instance CT, see
+docs/architecture.md): dcmqrscp (one process per association on its side) gains most; against
+Orthanc, pynetdicom's PDU handling in one interpreter is the limit and two associations are
+as fast as one. Processes instead of threads were measured too and lost (start-up).
+
 Where the PACS lists an instance's AvailableTransferSyntaxUID, an instance that arrives in
 another syntax is put aside (`Rejected`, a permanent failure of that instance with its
 reason). A syntax pydicom does not know cannot be offered, and a PACS that stores one and
@@ -35,9 +45,11 @@ another SOP class than their presentation context are put aside the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
@@ -51,8 +63,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from adit_tasks.core.association import MAX_CONTEXTS, Connection
-from adit_tasks.core.errors import IncompleteRetrieval, InvalidInstance
+from adit_tasks.core.association import MAX_CONTEXTS, Connection, SharedWork, run_shared
+from adit_tasks.core.errors import AssociationError, IncompleteRetrieval, InvalidInstance, PacsBusy
 from adit_tasks.core.instances import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
@@ -76,6 +88,7 @@ FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
 # Two query/retrieve contexts (C-GET and C-FIND) leave 126 for storage: 3 classes x 39 syntaxes.
 FULL_CLASSES_PER_ASSOCIATION = (MAX_CONTEXTS - 2) // len(TRANSFER_SYNTAXES)
 UIDS_PER_REQUEST = 200  # SOP Instance UIDs in one image-level C-GET identifier
+MIN_PER_ASSOCIATION = 20  # a smaller share is not worth opening another association
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -139,8 +152,10 @@ class CGet:
     method: str = "c-get"
 
     def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
-                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
-        return get_study(self.conn, study_uid, series_uids, sop_classes=sop_classes)
+                 sop_classes: frozenset[str] = frozenset(),
+                 instances: Mapping[str, str] | None = None) -> InstanceStream:
+        return get_study(self.conn, study_uid, series_uids, sop_classes=sop_classes,
+                         instances=instances)
 
 
 # --- the instance listing (image-level C-FIND on the retrieval's first association) ----------
@@ -274,43 +289,48 @@ class _Receiving:
         self.deferred: dict[str, tuple[str, str]] = {}  # uid -> (series, class): fetch again
         self.rejected = 0
         self.unreadable = 0  # rejected before their SOP Instance UID was known
+        self._lock = threading.Lock()
 
-    def _check(self, event: evt.Event) -> DicomInstance | Rejected | None:
-        """The instance to deliver, Rejected, or None when it is to be fetched again."""
+    def _check(self, event: evt.Event, data: bytes) -> DicomInstance | Rejected | None:
+        """The instance to deliver, Rejected, or None when it is to be fetched again (or
+        came before)."""
         try:
-            instance = DicomInstance.from_bytes(event.encoded_dataset())
+            instance = DicomInstance.from_bytes(data)
         except InvalidInstance as exc:
-            self.unreadable += 1
+            with self._lock:
+                self.unreadable += 1
             return Rejected(str(exc))
-        self.arrived.add(instance.sop_instance_uid)
-        if instance.study_uid != self.study_uid or (
-                self.series_uids and instance.series_uid not in self.series_uids):
-            return Rejected("an instance of another study or series than the one asked for")
-        if instance.sop_class_uid != event.context.abstract_syntax:
-            return Rejected("the SOP class differs from the presentation context it came on")
-        listed = self.listed_syntaxes.get(instance.sop_instance_uid)
-        if listed and instance.transfer_syntax_uid not in listed:
-            return Rejected(
-                f"arrived in {instance.transfer_syntax.name}, though the server lists it as "
-                "stored in another transfer syntax (converted on the way)")
-        if instance.sop_class_uid not in self.full:
-            # Its class was offered in some syntaxes only: the PACS may have converted it.
-            if instance.sop_instance_uid in self.delivered:
+        uid = instance.sop_instance_uid
+        with self._lock:  # parallel associations deliver into the same books
+            self.arrived.add(uid)
+            if instance.study_uid != self.study_uid or (
+                    self.series_uids and instance.series_uid not in self.series_uids):
+                return Rejected("an instance of another study or series than the one asked for")
+            if instance.sop_class_uid != event.context.abstract_syntax:
+                return Rejected("the SOP class differs from the presentation context it came on")
+            listed = self.listed_syntaxes.get(uid)
+            if listed and instance.transfer_syntax_uid not in listed:
+                return Rejected(
+                    f"arrived in {instance.transfer_syntax.name}, though the server lists it as "
+                    "stored in another transfer syntax (converted on the way)")
+            if uid in self.delivered:
                 return None  # it came in its stored syntax before
-            self.deferred[instance.sop_instance_uid] = (instance.series_uid,
-                                                        instance.sop_class_uid)
-            return None
-        return instance
+            if instance.sop_class_uid not in self.full:
+                # Its class was offered in some syntaxes only: the PACS may have converted it.
+                self.deferred[uid] = (instance.series_uid, instance.sop_class_uid)
+                return None
+            self.deferred.pop(uid, None)
+            self.delivered.add(uid)
+            return instance
 
     def on_store(self, event: evt.Event) -> int:
-        item = self._check(event)
+        item = self._check(event, event.encoded_dataset())
         try:
             if isinstance(item, Rejected):
-                self.rejected += 1
+                with self._lock:
+                    self.rejected += 1
                 self.put(item)
-            elif item is not None and item.sop_instance_uid not in self.delivered:
-                self.deferred.pop(item.sop_instance_uid, None)
-                self.delivered.add(item.sop_instance_uid)
+            elif item is not None:
                 self.put(item)
         except StreamClosed:
             # The consumer is gone: stop the PACS sending more. Without the zero timeout
@@ -318,8 +338,28 @@ class _Receiving:
             event.assoc.dimse_timeout = 0
             event.assoc.abort()
             raise
-        self.received += 1
+        with self._lock:
+            self.received += 1
         return 0x0000
+
+
+def split_requests(study_uid: str, instances: Mapping[str, str], parts: int) -> list[Dataset]:
+    """Requests for these instances (SOP Instance UID -> series) in about `parts` shares,
+    largest first: a series that fits in a share is asked for whole, a larger one as
+    image-level lists of UIDs."""
+    members: dict[str, list[str]] = {}
+    for uid, series_uid in sorted(instances.items()):
+        members.setdefault(series_uid, []).append(uid)
+    share = min(max(1, -(-len(instances) // parts)), UIDS_PER_REQUEST)
+    sized: list[tuple[int, Dataset]] = []
+    for series_uid, uids in members.items():
+        if len(uids) <= share:
+            sized.append((len(uids), retrieve_identifier(study_uid, series_uid)))
+            continue
+        for start in range(0, len(uids), share):
+            chunk = uids[start:start + share]
+            sized.append((len(chunk), retrieve_identifier(study_uid, series_uid, chunk)))
+    return [request for _, request in sorted(sized, key=lambda item: -item[0])]
 
 
 def get_study(
@@ -328,46 +368,98 @@ def get_study(
     series_uids: Iterable[str] = (),
     *,
     sop_classes: Iterable[str] | None = None,
+    instances: Mapping[str, str] | None = None,
 ) -> InstanceStream:
     """Stream the instances of a study (or of the given series) by C-GET, each in the syntax
-    the PACS stores it in (see the module docstring)."""
+    the PACS stores it in (see the module docstring). `instances` (SOP Instance UID -> series
+    UID, from the caller's image-level C-FIND) lets a large study be shared by parallel
+    associations."""
     series = list(series_uids)
     known = _valid_uids(sop_classes or ())
     single = 0 < len(known) <= FULL_CLASSES_PER_ASSOCIATION
     first_full = tuple(known if single else known[:FULL_CLASSES_PER_ASSOCIATION]
                        or (CT_IMAGE, MR_IMAGE))
+    listed = {uid: s for uid, s in (instances or {}).items() if not series or s in series}
+    if not all(listed.values()):
+        listed = {}  # an image-level C-GET names the series: split only what has one
 
     def produce(put: Callable[[DicomInstance | Rejected], None]) -> None:
         receiving = _Receiving(study_uid, series, put)
         total = SubOperations()
+        lock = threading.Lock()
 
-        def run(assoc: Association, round_: Round) -> None:
+        def run(assoc: Association, requests: Iterable[Dataset]) -> None:
             nonlocal total
-            receiving.full = frozenset(round_.full)
-            for identifier in round_.requests:
+            for identifier in requests:
                 subops = SubOperations()
                 for status, _ in assoc.send_c_get(identifier, GET_MODEL):
                     if status:
                         subops.update(status)
                     check_retrieve_status(conn.node, "C-GET", status, receiving.received,
                                           subops)
-                total += subops
+                with lock:
+                    total += subops
 
-        def associate(full: Sequence[str], *, find: bool = False, partial: bool = False):
+        def associate(full: Sequence[str], *, find: bool = False, partial: bool = False,
+                      via: Connection = conn):
             models = [build_context(GET_MODEL)] + ([build_context(FIND_MODEL)] if find else [])
             contexts = models + storage_contexts(full, MAX_CONTEXTS - len(models),
                                                  partial=partial)
             roles = [build_role(uid, scp_role=True)
                      for uid in dict.fromkeys(cx.abstract_syntax for cx in contexts[len(models):])]
-            return conn.associate(contexts, ext_neg=roles,
-                                  evt_handlers=[(evt.EVT_C_STORE, receiving.on_store)])
+            return via.associate(contexts, ext_neg=roles,
+                                 evt_handlers=[(evt.EVT_C_STORE, receiving.on_store)])
+
+        def run_round(assoc: Association, round_: Round, members: Mapping[str, str],
+                      *, size: int = 0, partial: bool = False) -> None:
+            """The round's requests over `assoc` and as many more associations (offering the
+            same contexts) as spare slots allow. `members` (instance -> series) lets large
+            whole-study or whole-series requests be split; without them, the round's own
+            requests (for `size` instances) are shared as they are."""
+            receiving.full = frozenset(round_.full)
+            shares = (len(members) if members else size) // MIN_PER_ASSOCIATION
+            if not members:
+                shares = min(shares, len(round_.requests))
+            wanted = min(conn.node.max_associations, shares)
+            if wanted <= 1:
+                run(assoc, round_.requests)
+                return
+            with conn.spare_connections(wanted - 1) as spares:
+                requests = round_.requests
+                if spares and members:
+                    requests = split_requests(study_uid, members, 2 * (1 + len(spares)))
+                work = SharedWork(requests)
+
+                def extra(via: Connection) -> None:
+                    with contextlib.ExitStack() as stack:
+                        try:
+                            more = stack.enter_context(associate(round_.full, partial=partial,
+                                                                 via=via))
+                        except (AssociationError, PacsBusy) as exc:
+                            # The node refused one more association: the others do its share.
+                            logger.info("%s: a parallel association failed (%s); going on "
+                                        "with fewer", conn.node.name, type(exc).__name__)
+                            return
+                        run(more, work)
+
+                if spares:
+                    logger.info("%s: C-GET over %d associations", conn.node.name,
+                                1 + len(spares))
+                run_shared(work, lambda: run(assoc, work),
+                           [lambda via=via: extra(via) for via in spares],
+                           name=f"c-get-{conn.node.name}")
+
+        def in_round(round_: Round) -> int:
+            """How many listed instances the round fetches."""
+            classes = listing.classes.values() if listing is not None else ()
+            return sum(1 for c in classes if c in round_.full)
 
         whole = [retrieve_identifier(study_uid, s) for s in series or [""]]
         listing: Listing | None = None
         rounds: list[Round] = []
         with associate(first_full, find=not single, partial=not single) as assoc:
             if single:
-                run(assoc, Round(first_full, whole))
+                run_round(assoc, Round(first_full, whole), listed)
             else:
                 if any(cx.abstract_syntax == FIND_MODEL for cx in assoc.accepted_contexts):
                     listing = list_instances(conn, assoc, study_uid, series)
@@ -380,12 +472,14 @@ def get_study(
                                     "in every transfer syntax", conn.node.name,
                                     len(set(listing.classes.values())), len(rounds))
                     if rounds and set(rounds[0].full) <= set(first_full):
-                        run(assoc, rounds.pop(0))
-                else:
-                    run(assoc, Round(first_full, whole))  # classes unknown: see step 3
+                        first = rounds.pop(0)
+                        run_round(assoc, first, {}, size=in_round(first))
+                else:  # classes unknown: see step 3
+                    members = listing.series if listing is not None and listing.series else listed
+                    run_round(assoc, Round(first_full, whole), members, partial=True)
         for round_ in rounds:
             with associate(round_.full) as assoc:
-                run(assoc, round_)
+                run_round(assoc, round_, {}, size=in_round(round_))
         if receiving.deferred:
             deferred = dict(receiving.deferred)
             logger.info("%s: %d instances arrived in a SOP class not offered in every transfer "
@@ -395,7 +489,8 @@ def get_study(
                                 {u: s for u, (s, _) in deferred.items()}, (), "IMAGE")
             for round_ in again:
                 with associate(round_.full) as assoc:
-                    run(assoc, round_)
+                    receiving.full = frozenset(round_.full)
+                    run(assoc, round_.requests)
         check_retrieve_outcome(conn.node, "C-GET", receiving.received, total)
         missing = set(receiving.deferred)
         if listing is not None and listing.classes_known:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pynetdicom import build_context
@@ -36,7 +36,9 @@ class CMove:
     method: str = "c-move"
 
     def retrieve(self, study_uid: str, series_uids: tuple[str, ...] = (),
-                 sop_classes: frozenset[str] = frozenset()) -> InstanceStream:
+                 sop_classes: frozenset[str] = frozenset(),
+                 instances: Mapping[str, str] | None = None) -> InstanceStream:
+        # One association: the receiver routes one C-MOVE (Message ID) per study.
         return move_study(self.conn, self.receiver, study_uid, series_uids)
 
 

@@ -88,6 +88,9 @@ class TransferOptions(BaseModel):
     archive: bool = Field(False, description="Write one AES-256 7-Zip archive into the "
                           "destination folder (password: ADIT_ARCHIVE_PASSWORD).")
     compress: bool = Field(False, description="LZMA2 inside the archive (slower, smaller).")
+    nifti: Literal["no", "only", "also"] = Field(
+        "no", description="Each series also (or only) as NIfTI (.nii.gz + JSON sidecar, by "
+        "dcm2niix), into a folder or archive.")
     window: str = Field("", description="Transfer window for this run, e.g. 'Mon-Fri "
                         "20:00-06:00; Sat-Sun 00:00-24:00'; empty: the source node's.")
     urgent: bool = Field(False, description="Ignore the transfer window.")

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from adit_tasks.core.archive import ArchiveWriter
-from adit_tasks.core.association import Connection, SlotFactory
+from adit_tasks.core.association import Connection, SlotFactory, SpareSlotFactory
 from adit_tasks.core.config import (
     FolderNode,
     ReceiverAddress,
@@ -31,6 +31,8 @@ from adit_tasks.core.config import (
 )
 from adit_tasks.core.errors import ConfigError, NotSupported
 from adit_tasks.core.folder import safe_component
+from adit_tasks.core.manifest import Job, JobManifest
+from adit_tasks.core.nifti import NiftiSink
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.pseudonymize import Pseudonymizer
 from adit_tasks.core.receiver import open_receiver
@@ -79,6 +81,7 @@ class TransferPlan:
     retry: RetryPolicy
     archive: ArchiveWriter | None = None
     complete_archive: str = ""  # the job's archive exists already: nothing to do
+    manifest: JobManifest | None = None  # a folder or archive job's (core/manifest.py)
 
     @property
     def nodes(self) -> tuple[ServerNode, ...]:
@@ -100,6 +103,7 @@ def transfer_plan(
     pseudonym_secret: str = "",
     archive_password: str = "",
     slot: SlotFactory,
+    spare: SpareSlotFactory | None = None,
 ) -> Iterator[TransferPlan]:
     """The plan of one transfer run from `source_node` to `target`; ConfigError for anything
     that cannot work, before any DICOM work starts. `slot` limits the plan's associations (see
@@ -114,7 +118,19 @@ def transfer_plan(
                               "'adit-pseudonym-secret'")
         pseudonymizer = Pseudonymizer(pseudonym_secret, options.pseudonymization(
             frozenset(source_node.safe_private_creators)))
-    conn = Connection(source_node, calling_ae, slot)
+    if options.nifti != "no" and not isinstance(target, FolderNode):
+        raise ConfigError(f"NIfTI output is written to folder nodes (files or an archive); "
+                          f"'{destination}' is not one")
+
+    def with_nifti(sink: FolderSink | ArchiveSink) -> FolderSink | ArchiveSink | NiftiSink:
+        if options.nifti == "no":
+            return sink
+        return NiftiSink(sink, options.nifti, pseudonymizer.options if pseudonymizer else None)
+
+    conn = Connection(source_node, calling_ae, slot, spare)  # spare: parallel associations
+    job = Job(job_key(options, jobs), source_node.name, destination,
+              options.model_dump(mode="json"),
+              tuple(pseudonymizer.rules.method_codes()) if pseudonymizer else ())
     common = dict(source=conn, pseudonymizer=pseudonymizer,
                   gate=Gate.of(source_node, options.window, options.urgent), retry=retry)
     with contextlib.ExitStack() as stack:
@@ -127,7 +143,7 @@ def transfer_plan(
             if not isinstance(target, FolderNode):
                 raise ConfigError(f"archives are written to folder nodes; '{destination}' "
                                   "is not one")
-            path = target.path / archive_name(options, jobs)
+            path = target.path / f"{job.key}.7z"
             if path.exists():
                 yield TransferPlan(retriever=retriever, sink=FolderSink(target.path),
                                    destination=None, complete_archive=path.name, **common)
@@ -138,12 +154,16 @@ def transfer_plan(
                                   "'adit-archive-password'")
             archive = ArchiveWriter(path, archive_password, compress=options.compress)
             stack.callback(archive.abandon)  # a no-op once the run finished it
-            yield TransferPlan(retriever=retriever, sink=ArchiveSink(archive),
-                               destination=None, archive=archive, **common)
+            manifest = JobManifest(job)
+            yield TransferPlan(retriever=retriever, sink=with_nifti(ArchiveSink(archive, manifest)),
+                               destination=None, archive=archive, manifest=manifest,
+                               **common)
             return
         if isinstance(target, FolderNode):
-            yield TransferPlan(retriever=retriever, sink=FolderSink(target.path),
-                               destination=None, **common)
+            manifest = JobManifest(job, target.path)
+            yield TransferPlan(retriever=retriever,
+                               sink=with_nifti(FolderSink(target.path, manifest)),
+                               destination=None, manifest=manifest, **common)
             return
         if not target.store:
             raise NotSupported(f"node '{destination}' does not accept instances (store: false)")
@@ -152,10 +172,14 @@ def transfer_plan(
         yield TransferPlan(retriever=retriever, sink=sink, destination=target, **common)
 
 
-def archive_name(options: TransferOptions, jobs: list[StudyJob]) -> str:
-    """`<trial or adit>-<job hash>.7z`: the same job always gets the same name (re-runs skip
-    it), and the name reveals nothing about the patients."""
+def job_key(options: TransferOptions, jobs: list[StudyJob]) -> str:
+    """`<trial or adit>-<job hash>`, the name of a job's archive (`.7z`) and manifest: the
+    same job (studies, series, pseudonyms, options) always gets the same key, so re-runs find
+    their archive and manifest, and the key reveals nothing about the patients."""
     job = [(j.study_uid, list(j.series_uids), j.pseudonym) for j in jobs]
-    digest = hashlib.sha256(json.dumps([job, options.model_dump()], sort_keys=True,
+    # What shapes the output only: not when it may run (window, urgent); options at their
+    # defaults left out, so that a new option does not rename every existing job.
+    output = options.model_dump(exclude_defaults=True, exclude={"window", "urgent"})
+    digest = hashlib.sha256(json.dumps([job, output], sort_keys=True,
                                        default=str).encode()).hexdigest()[:12]
-    return f"{safe_component(options.trial_id, 'adit')}-{digest}.7z"
+    return f"{safe_component(options.trial_id, 'adit')}-{digest}"

@@ -52,7 +52,6 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ImplicitVRLittleEndian
 
 from adit_tasks.core import part10
 from adit_tasks.core.deid_rules import (
-    CODES,
     DEFAULT_TRIAL_SPONSOR,
     DateHandling,
     PseudonymizationOptions,
@@ -344,9 +343,9 @@ class Pseudonymizer:
 
     def _declare(self, ds: Dataset, declared: dict[int, str]) -> None:
         items_ = []
-        for key in ["basic"] + [code for _, code in self.rules.active]:
+        for value, meaning in self.rules.method_codes():
             item = Dataset()
-            item.CodeValue, item.CodeMeaning = CODES[key]
+            item.CodeValue, item.CodeMeaning = value, meaning
             item.CodingSchemeDesignator = "DCM"
             items_.append(item)
         ds[0x00120064] = element(0x00120064, "SQ", Sequence(items_))

@@ -3,6 +3,9 @@
 Every sink answers two questions the same way, so a transfer can skip what is already there
 and verify what arrived: `present(study)` lists the SOPInstanceUIDs the destination holds for
 that study, and `write(study, instances)` stores a stream of instances.
+
+Folder and archive sinks given a job's manifest (`core/manifest.py`) record a row for each
+file they write (hashed from the bytes in memory) and each study folder they look at.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from adit_tasks.core.dicomweb import qido_instance_uids, stow_instances
 from adit_tasks.core.find import manifest
 from adit_tasks.core.folder import safe_component, sync_folders, write_atomically
 from adit_tasks.core.instances import DicomInstance
+from adit_tasks.core.manifest import JobManifest, Row
 from adit_tasks.core.store import StoreResult, store_instances
 
 
@@ -94,10 +98,13 @@ class FolderSink:
     """One file per instance in a readable tree; a file exists only once complete and on
     disk (adit_tasks.core.folder). A file counts as present only if it looks like DICOM."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, manifest: JobManifest | None = None) -> None:
         self.root = root
+        self.manifest = manifest
 
     def present(self, study: StudyTarget) -> set[str]:
+        if self.manifest is not None:
+            self.manifest.touch(study.folder)
         folder = self.root / study.folder
         if not folder.is_dir():
             return set()
@@ -108,9 +115,10 @@ class FolderSink:
         folders: set[Path] = set()
         try:
             for instance in instances:
-                path = write_atomically(self.root, instance_path(study, instance),
-                                        instance.data, sync_folder=False)
+                relative = instance_path(study, instance)
+                path = write_atomically(self.root, relative, instance.data, sync_folder=False)
                 folders.add(path.parent)
+                _record(self.manifest, relative, instance)
                 result.stored.append(instance.sop_instance_uid)
         finally:
             sync_folders(folders)
@@ -120,7 +128,10 @@ class FolderSink:
                  series_uid: str = "", kind: str = "file") -> Path:
         """Write one non-instance file into the study's folder; its path below the root."""
         path = study.folder / relative
+        row = _row(self.manifest, study, path, data, series_uid, kind)
         write_atomically(self.root, path, data)
+        if self.manifest is not None and row is not None:
+            self.manifest.record(row)
         return path
 
 
@@ -138,8 +149,9 @@ def _looks_like_dicom(path: Path) -> bool:
 class ArchiveSink:
     """Files in an encrypted 7-Zip archive shared by all studies of one transfer job."""
 
-    def __init__(self, writer: ArchiveWriter) -> None:
+    def __init__(self, writer: ArchiveWriter, manifest: JobManifest | None = None) -> None:
         self.writer = writer
+        self.manifest = manifest
 
     def present(self, study: StudyTarget) -> set[str]:
         prefix = study.folder.as_posix() + "/"
@@ -148,7 +160,9 @@ class ArchiveSink:
     def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
         result = StoreResult()
         for instance in instances:
-            self.writer.add(instance_path(study, instance).as_posix(), instance.data)
+            relative = instance_path(study, instance)
+            if self.writer.add(relative.as_posix(), instance.data):
+                _record(self.manifest, relative, instance)
             result.stored.append(instance.sop_instance_uid)
         return result
 
@@ -156,5 +170,23 @@ class ArchiveSink:
                  series_uid: str = "", kind: str = "file") -> Path:
         """Add one non-instance file into the study's folder; its name in the archive."""
         path = study.folder / relative
-        self.writer.add(path.as_posix(), data)
+        row = _row(self.manifest, study, path, data, series_uid, kind)
+        if self.writer.add(path.as_posix(), data) and self.manifest is not None and row is not None:
+            self.manifest.record(row)
         return path
+
+
+def _row(manifest: JobManifest | None, study: StudyTarget, path: Path, data: bytes,
+         series_uid: str, kind: str) -> Row | None:
+    """The manifest row of a non-instance file (before it is written: a wrong kind fails
+    first), None when no manifest is kept."""
+    if manifest is None:
+        return None
+    return Row.of(path, data, study_uid=study.study_uid, series_uid=series_uid, kind=kind)
+
+
+def _record(manifest: JobManifest | None, relative: Path, instance: DicomInstance) -> None:
+    if manifest is not None:
+        manifest.record(Row.of(relative, instance.data, study_uid=instance.study_uid,
+                               series_uid=instance.series_uid,
+                               sop_instance_uid=instance.sop_instance_uid, kind="dicom"))

@@ -60,6 +60,8 @@ class StoreResult:
     stored: list[str] = field(default_factory=list)  # SOPInstanceUIDs
     failed: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
     refused: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
+    # Said about the study, not a failure (e.g. a series not converted to NIfTI, and why).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -133,7 +133,9 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
     counts = _Counts()
     logger.info("%s: %d of %d instances to send by %s", source.node.name,
                 len(wanted) - len(present), len(wanted), plan.retriever.method)
-    stream = plan.retriever.retrieve(study_uid, series_uids, frozenset(expected.sop_classes))
+    stream = plan.retriever.retrieve(
+        study_uid, series_uids, frozenset(expected.sop_classes),
+        {uid: i.SeriesInstanceUID for uid, i in expected.instances.items()})
     with stream:
         try:
             result = sink.write(target, _prepare(stream, set(expected.instances), present,
@@ -172,6 +174,7 @@ def transfer_study(plan: TransferPlan, job: StudyJob) -> StudyOutcome:
     if counts.unlisted:
         notes.append(f"{counts.unlisted} instance(s) the source did not list for the study "
                      "were not sent")
+    notes += result.notes  # e.g. series not converted to NIfTI (adit_tasks.core.nifti)
     if notes:
         outcome.status = "warning"
         outcome.message = "; ".join(notes)
