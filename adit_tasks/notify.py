@@ -14,6 +14,9 @@ host: a URL may carry a token) and never changes the run's final state.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -43,6 +46,7 @@ class Notifier:
     recipients: Recipients = field(default_factory=Recipients)
     sender: str = ""
     credentials: EmailServerCredentials | None = field(default=None, repr=False)
+    smtp_timeout: float = 30.0
 
 
 def notifier_for(settings: Settings, notify: list[str] | None) -> Notifier:
@@ -61,7 +65,7 @@ def notifier_for(settings: Settings, notify: list[str] | None) -> Notifier:
     if not is_email(sender):
         raise ConfigError("e-mail notification needs a sender: set notify.sender (an e-mail "
                           "address) in the nodes file")
-    return Notifier(wanted, sender, credentials)
+    return Notifier(wanted, sender, credentials, settings.notify.smtp_timeout)
 
 
 def notify_end(notifier: Notifier, kind: str, counts: Mapping[str, int], *,
@@ -92,6 +96,11 @@ def _email(notifier: Notifier, message: Notice) -> None:
 
     logger = get_run_logger()
     emails = list(notifier.recipients.emails)
+    if notifier.credentials is not None and _silent(notifier.credentials, notifier.smtp_timeout):
+        logger.warning("job-end e-mail to %d recipient(s) not sent: the SMTP server accepted "
+                       "the connection but did not greet within %.0f s", len(emails),
+                       notifier.smtp_timeout)
+        return
     send = email_send_message.with_options(
         name="notify-email", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
         persist_result=False)
@@ -106,6 +115,35 @@ def _email(notifier: Notifier, message: Notice) -> None:
                        type(result).__name__, f" (SMTP {code})" if code else "")
     else:
         logger.info("job-end e-mail sent to %d recipient(s)", len(emails))
+
+
+def _silent(credentials: EmailServerCredentials, timeout: float) -> bool:
+    """Whether the SMTP server takes connections but says nothing within `timeout`.
+
+    prefect-email opens its connection without a timeout, so such a server would hold the
+    end of the run for ever; a server that refuses the connection fails fast there and is
+    left to it (and its retry). Only the server's liveness is probed here: the send itself
+    checks its certificate."""
+    from prefect_email import SMTPType
+
+    server = credentials.smtp_server
+    host = str(getattr(server, "value", server))
+    port = credentials.smtp_port or SMTPType(credentials.smtp_type).value
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            conn = sock
+            if SMTPType(credentials.smtp_type) == SMTPType.SSL:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                conn = context.wrap_socket(sock, server_hostname=host)
+            conn.makefile("rb").readline(512)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"QUIT\r\n")
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _post(url: str, message: Notice) -> None:

@@ -237,6 +237,30 @@ def test_dead_smtp_server_and_refusing_webhook_do_not_change_the_run(
     assert mail_run.state.is_failed() and mail_run.run_count == 2
 
 
+def test_smtp_server_that_never_greets_does_not_hold_the_run(lab, prefect_server, tmp_path,
+                                                              hooks, marker):
+    """prefect-email connects without a timeout: a server that accepts and stays silent must
+    not keep the run (and the CLI, and a worker's slot) waiting for ever."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # listens, never accepts, never greets
+    posts = len(hooks.posts)
+    states: list[Any] = []
+    try:
+        run = threading.Thread(daemon=True, target=lambda: states.append(transfer_flow(
+            "orthanc1", "downloads", [marker.study_uid],
+            nodes_file=nodes_file(lab, tmp_path, silent.getsockname()[1], smtp_timeout=1),
+            notify=[STAFF, f"{hooks.url}/after"], return_state=True)))
+        run.start()
+        run.join(timeout=120)
+        assert not run.is_alive(), "a silent SMTP server held the end of the run"
+    finally:
+        silent.close()
+    [state] = states
+    assert state.is_completed(), state
+    assert [p for p, _ in hooks.posts[posts:]] == ["/after"]  # the webhook was still told
+
+
 def test_continuous_run_notifies_only_when_it_has_failures(lab, prefect_server, tmp_path,
                                                           smtp, hooks, marker):
     port, inbox = smtp

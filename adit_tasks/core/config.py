@@ -213,6 +213,8 @@ class NotifySettings(_Strict):
     smtp_security: Literal["none", "starttls", "ssl"] = "starttls"
     sender: str = ""  # the From address (default: username)
     username: str = ""  # empty: no SMTP login
+    # How long the SMTP server may take to greet; a silent one is given up (the job ends).
+    smtp_timeout: float = Field(default=30.0, gt=0, le=600)
     # Notified at the end of every job, besides a job's own `notify` list: e-mail addresses
     # and http(s) webhook URLs.
     recipients: list[str] = Field(default_factory=list)
