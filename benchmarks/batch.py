@@ -64,7 +64,7 @@ LOOPBACK = "127.0.0.1"
 ADIT_AE = "ADIT"
 SOURCE_AE = "ORTHANC1"
 DEST_AE = "ORTHANC2"
-THREADS = 4  # the flows' ThreadPoolTaskRunner(max_workers=4)
+THREADS = 4  # = max_associations: the most studies the flows can run at once
 INCOMPLETE: list[str] = []  # transfer scenarios whose destination missed instances
 TARGET = 0.10  # at most 10 % of the flow's wall time outside DICOM work
 
@@ -259,7 +259,7 @@ def bench_transfer(csv: Path, nodes: Path, settings: Settings, uids: list[str],
     print(f"  plain x{THREADS}    {t_par:6.2f} s  ({moved} instances)")
     check(f"plain x{THREADS}")
     overhead = (t_flow - t_par) / t_flow
-    result = [Row("transfer", "batch_transfer_flow (4 workers)", t_flow, n, instances, overhead),
+    result = [Row("transfer", "batch_transfer_flow (8 workers)", t_flow, n, instances, overhead),
               Row("transfer", "transfer_study, no Prefect, 1 thr.", t_seq, n, instances),
               Row("transfer", f"transfer_study, no Prefect, {THREADS} thr.", t_par, n,
                   instances)]
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=1000, help="studies = batch query rows")
     parser.add_argument("--transfer", type=int, default=200, help="studies to transfer")
     parser.add_argument("--max-associations", type=int, default=THREADS,
-                        help="max_associations of both nodes (default: the flows' 4 workers)")
+                        help="max_associations of both nodes (default 4)")
     parser.add_argument("--postgres", action="store_true",
                         help="the Prefect server on a throwaway PostgreSQL (the scale-out "
                              "set-up) instead of the SQLite test server")

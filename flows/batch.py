@@ -112,6 +112,9 @@ def batch_query_flow(
         "NumberOfStudyRelatedInstances"], notifier=notifier, kind="batch query")
 
 
+# More workers than a node's usual slots: the next studies' task runs start (Prefect's
+# bookkeeping) while others hold the slots; the rest wait on the node's local slot, holding
+# nothing. 200 tiny studies: ~19 s with 4 workers, ~15 s with 8 (README, "Performance").
 @flow(name="batch-transfer", flow_run_name="batch-transfer-{source}-to-{destination}",
       task_runner=ThreadPoolTaskRunner(max_workers=8), persist_result=False)
 def batch_transfer_flow(

@@ -65,6 +65,10 @@ spreadsheet letter) and its length; the only values repeated are a plain pseudon
 pseudonym conflict and the valid From/Until dates of a reversed range.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 from adit_tasks.core.batch.model import (
     COLUMNS,
     IGNORED_COLUMNS,
@@ -73,7 +77,16 @@ from adit_tasks.core.batch.model import (
     BatchRow,
     Purpose,
 )
-from adit_tasks.core.batch.rows import read_batch_file
+
+
+def read_batch_file(source: str | Path, purpose: Purpose) -> list[BatchRow]:
+    """`rows.read_batch_file` (its docstring says what it does), imported on first use: its
+    pandas costs ~0.3 s of import, and every `adit` command imports this package (`BatchRow`)
+    while only batch flows read a file."""
+    from adit_tasks.core.batch.rows import read_batch_file as read
+
+    return read(source, purpose)
+
 
 __all__ = [
     "COLUMNS",
