@@ -104,8 +104,8 @@ def main() -> None:
         ],
     }
     (DEMO_DIR / "nodes.yaml").write_text(yaml.safe_dump(nodes, sort_keys=False))
+    (DEMO_DIR / "studies.txt").write_text("".join(f"{s.study_uid}\n" for s in specs))
     if args.servers_only:
-        (DEMO_DIR / "studies.txt").write_text("".join(f"{s.study_uid}\n" for s in specs))
         print(f"Nodes file: {(DEMO_DIR / 'nodes.yaml').resolve()}\n"
               f"The StudyInstanceUIDs on pacs1, one a line: {DEMO_DIR / 'studies.txt'}\n"
               "Stop the demo PACS servers:  .venv/bin/python -m deployments.demo --stop")

@@ -135,6 +135,9 @@ def many_syntaxes(lab, tmp_path_factory) -> tuple[str, dict[str, Dataset]]:
     for i, name in enumerate(SAMPLES):
         ds = pydicom.dcmread(get_testdata_file(name))
         ds.PatientID, ds.PatientName = "SYNTAX01", "Syntax^Many"
+        # One study date for all (the samples differ, some have none): Orthanc takes the
+        # study's from whichever instance the parallel upload stores first.
+        ds.StudyDate = "20040119"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series[i // 2]
         ds.SeriesNumber = i // 2 + 1
