@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from adit_tasks.core import find, get
 from adit_tasks.core.association import Connection, local_slot, slot_held_by_caller
 from adit_tasks.core.config import ServerNode
 from adit_tasks.core.dicomweb import iter_multipart
+from adit_tasks.core.errors import InvalidInstance
 from adit_tasks.core.folder import sync_folders, write_atomically
 from adit_tasks.core.get import get_study
 from adit_tasks.core.retrieve import choose_method
@@ -171,3 +173,21 @@ def test_multipart_parts_come_out_whole_however_the_stream_is_cut() -> None:
         cuts = sorted(rng.sample(range(1, len(body)), rng.randint(0, 40)))
         chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
         assert list(iter_multipart(iter(chunks), boundary)) == parts
+
+
+def test_a_part_without_its_delimiter_cannot_fill_the_memory() -> None:
+    """A hostile DICOMweb server that starts a part and never ends it: the parser stops at
+    the bound, having held at most one bound's worth of the endless stream."""
+    boundary = b"adit-b0undary"
+    fed = 0
+
+    def endless() -> Iterator[bytes]:
+        nonlocal fed
+        yield b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+        while True:
+            fed += 4096
+            yield b"\0" * 4096
+
+    with pytest.raises(InvalidInstance, match="exceeds 65536 bytes"):
+        list(iter_multipart(endless(), boundary, max_part=65536))
+    assert fed <= 65536 + 2 * 4096

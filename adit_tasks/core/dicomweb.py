@@ -33,11 +33,17 @@ logger = logging.getLogger(__name__)
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
-def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[bytes]:
+MAX_PART_BYTES = 4 << 30  # larger than any instance we expect; bounds a hostile stream
+
+
+def iter_multipart(chunks: Iterable[bytes], boundary: bytes, *,
+                   max_part: int = MAX_PART_BYTES) -> Iterator[bytes]:
     """The bodies of a multipart/related stream, one part at a time (RFC 2046 5.1).
 
     Memory holds one part and one chunk; each chunk is searched once (a 50 MB multi-frame
-    part arriving in 1 MB chunks is not scanned again from its start for every chunk)."""
+    part arriving in 1 MB chunks is not scanned again from its start for every chunk). A
+    part that grows past `max_part` without its delimiter is InvalidInstance: a server that
+    never sends one must not fill the memory."""
     delimiter = b"\r\n--" + boundary
     buffer = bytearray(b"\r\n")  # lets the first delimiter match like the others
     searched = 0  # no delimiter starts before this offset of the buffer
@@ -48,6 +54,9 @@ def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[bytes]:
             pos = buffer.find(delimiter, searched)
             if pos < 0:
                 searched = max(0, len(buffer) - len(delimiter) + 1)
+                if len(buffer) > max_part + len(delimiter):
+                    raise InvalidInstance(f"a WADO-RS part exceeds {max_part} bytes without "
+                                          "its multipart delimiter")
                 break
             if in_part:
                 header_end = buffer.find(b"\r\n\r\n", 0, pos)

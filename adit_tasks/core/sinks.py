@@ -113,15 +113,22 @@ class FolderSink:
     def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
         result = StoreResult()
         folders: set[Path] = set()
+        rows: list[Row] = []
         try:
             for instance in instances:
                 relative = instance_path(study, instance)
                 path = write_atomically(self.root, relative, instance.data, sync_folder=False)
                 folders.add(path.parent)
-                _record(self.manifest, relative, instance)
+                if self.manifest is not None:
+                    rows.append(_instance_row(relative, instance))
                 result.stored.append(instance.sop_instance_uid)
         finally:
-            sync_folders(folders)
+            sync_folders(folders)  # raises if a flush failed: then no row is recorded
+        # Rows only for files on disk (a file that made it without its row gets one from
+        # the disk when the manifest is written).
+        if self.manifest is not None:
+            for row in rows:
+                self.manifest.record(row)
         return result
 
     def add_file(self, study: StudyTarget, relative: Path, data: bytes, *,
@@ -185,8 +192,12 @@ def _row(manifest: JobManifest | None, study: StudyTarget, path: Path, data: byt
     return Row.of(path, data, study_uid=study.study_uid, series_uid=series_uid, kind=kind)
 
 
+def _instance_row(relative: Path, instance: DicomInstance) -> Row:
+    return Row.of(relative, instance.data, study_uid=instance.study_uid,
+                  series_uid=instance.series_uid, sop_instance_uid=instance.sop_instance_uid,
+                  kind="dicom")
+
+
 def _record(manifest: JobManifest | None, relative: Path, instance: DicomInstance) -> None:
     if manifest is not None:
-        manifest.record(Row.of(relative, instance.data, study_uid=instance.study_uid,
-                               series_uid=instance.series_uid,
-                               sop_instance_uid=instance.sop_instance_uid, kind="dicom"))
+        manifest.record(_instance_row(relative, instance))
