@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -17,7 +18,7 @@ from adit_tasks.core.association import Connection, local_slot, slot_held_by_cal
 from adit_tasks.core.config import ServerNode
 from adit_tasks.core.dicomweb import iter_multipart
 from adit_tasks.core.errors import InvalidInstance
-from adit_tasks.core.folder import sync_folders, write_atomically
+from adit_tasks.core.folder import FolderWriter
 from adit_tasks.core.get import get_study
 from adit_tasks.core.retrieve import choose_method
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study
@@ -153,12 +154,32 @@ def test_the_fastest_method_unless_the_nodes_file_says(listed, dicomweb, expecte
     assert choose_method(node, node.retrieve[-1]) == node.retrieve[-1]  # named: that one
 
 
-def test_folder_writes_are_durable_and_renamed_once_their_folders_are_synced(tmp_path) -> None:
-    paths = [write_atomically(tmp_path, Path("s") / f"{i}.dcm", bytes([i]) * 1000,
-                              sync_folder=False) for i in range(30)]
-    sync_folders({p.parent for p in paths})
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(p.name for p in paths)
+def test_folder_writer_writes_every_file_whole_and_hashes_it(tmp_path) -> None:
+    writer = FolderWriter(tmp_path)
+    writer.MAX_PENDING_BYTES = 5000  # a slow disk: the writer waits instead of queueing
+    relatives = [Path("s") / f"{i}.dcm" for i in range(30)]
+    for i, relative in enumerate(relatives):
+        writer.write(relative, bytes([i]) * 1000)
+    digests = writer.finish()
+    paths = sorted((tmp_path / "s").iterdir())
+    assert [p.name for p in paths] == sorted(r.name for r in relatives)  # no .part left
     assert all(p.read_bytes() == bytes([int(p.stem)]) * 1000 for p in paths)
+    assert digests == {r: hashlib.sha256(bytes([int(r.stem)]) * 1000).hexdigest()
+                       for r in relatives}
+
+
+def test_folder_writer_refuses_paths_out_of_its_root(tmp_path) -> None:
+    root, outside = tmp_path / "dest", tmp_path / "outside"
+    outside.mkdir()
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    writer = FolderWriter(root)
+    for relative in (Path("../x.dcm"), Path("a/../../x.dcm"), Path("/tmp/x.dcm"),
+                     Path("link/x.dcm")):
+        with pytest.raises(ValueError, match="outside the destination"):
+            writer.write(relative, b"data")
+    assert writer.finish() == {}
+    assert list(outside.iterdir()) == []
 
 
 def test_multipart_parts_come_out_whole_however_the_stream_is_cut() -> None:

@@ -11,7 +11,7 @@ file they write (hashed from the bytes in memory) and each study folder they loo
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +19,7 @@ from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
 from adit_tasks.core.dicomweb import qido_instance_uids, stow_instances
 from adit_tasks.core.find import manifest
-from adit_tasks.core.folder import safe_component, sync_folders, write_atomically
+from adit_tasks.core.folder import FolderWriter, safe_component, write_atomically
 from adit_tasks.core.instances import DicomInstance
 from adit_tasks.core.manifest import JobManifest, Row
 from adit_tasks.core.store import StoreResult, store_instances
@@ -112,23 +112,23 @@ class FolderSink:
 
     def write(self, study: StudyTarget, instances: Iterable[DicomInstance]) -> StoreResult:
         result = StoreResult()
-        folders: set[Path] = set()
-        rows: list[Row] = []
+        writer = FolderWriter(self.root)
+        rows: list[Row] = []  # without their digests yet (the writing threads hash)
         try:
             for instance in instances:
                 relative = instance_path(study, instance)
-                path = write_atomically(self.root, relative, instance.data, sync_folder=False)
-                folders.add(path.parent)
-                if self.manifest is not None:
-                    rows.append(_instance_row(relative, instance))
+                writer.write(relative, instance.data)
+                rows.append(Row(instance.study_uid, instance.series_uid,
+                                instance.sop_instance_uid, relative.as_posix(),
+                                len(instance.data), "", "dicom"))
                 result.stored.append(instance.sop_instance_uid)
         finally:
-            sync_folders(folders)  # raises if a flush failed: then no row is recorded
+            digests = writer.finish()  # raises if a write failed: then no row is recorded
         # Rows only for files on disk (a file that made it without its row gets one from
         # the disk when the manifest is written).
         if self.manifest is not None:
             for row in rows:
-                self.manifest.record(row)
+                self.manifest.record(replace(row, sha256=digests[Path(row.path)]))
         return result
 
     def add_file(self, study: StudyTarget, relative: Path, data: bytes, *,
