@@ -94,7 +94,7 @@ def serve(settings: Any, port: int = DEFAULT_PORT) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     try:
-        with prefect_settings(api_url):
+        with prefect_settings(api_url, adit_logs=True):
             from prefect import serve as prefect_serve
 
             from adit_tasks.limits import ensure_node_limits

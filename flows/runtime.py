@@ -302,9 +302,14 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_settings(api_url: str | None = None, heartbeats: bool = True) -> Iterator[Any]:
+def prefect_settings(api_url: str | None = None, heartbeats: bool = True,
+                     adit_logs: bool = False) -> Iterator[Any]:
     """Prefect settings for the block: no analytics on a server Prefect starts for us (its
     ephemeral server), and `api_url` as the Prefect API when given.
+
+    `adit_logs=True` (flow runs that `adit serve` starts): the `adit_tasks` loggers go to the
+    run's logs in the UI too, as in deployment runs (prefect.yaml); they carry no patient data
+    (tests/test_privacy_records.py reads them).
 
     `heartbeats=False` (the CLI's flow runs, in its own process): no flow-run heartbeats
     unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY asks for them. Prefect's default (every 180 s)
@@ -313,6 +318,7 @@ def prefect_settings(api_url: str | None = None, heartbeats: bool = True) -> Ite
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_EXTRA_LOGGERS,
         PREFECT_SERVER_ANALYTICS_ENABLED,
         temporary_settings,
     )
@@ -322,6 +328,8 @@ def prefect_settings(api_url: str | None = None, heartbeats: bool = True) -> Ite
         updates[PREFECT_API_URL] = api_url
     if not heartbeats and "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in os.environ:
         updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    if adit_logs and "PREFECT_LOGGING_EXTRA_LOGGERS" not in os.environ:
+        updates[PREFECT_LOGGING_EXTRA_LOGGERS] = "adit_tasks"
     with temporary_settings(updates=updates) as settings:
         yield settings
 
