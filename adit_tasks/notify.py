@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -69,19 +69,32 @@ def notifier_for(settings: Settings, notify: list[str] | None) -> Notifier:
 
 
 def notify_end(notifier: Notifier, kind: str, counts: Mapping[str, int], *,
-               unit: str = "studies", outcome: Outcome | None = None) -> None:
+               unit: str = "studies", outcome: Outcome | None = None,
+               stopped: bool = False) -> None:
     """Tell the recipients that this run ended (inside the flow run, after its result is
     known): `counts` by status (`core.notice.status_counts`), `outcome` when the counts are
-    not statuses. Failures are logged, never raised."""
+    not statuses, `stopped` when it raised instead. Failures are logged, never raised."""
     if not notifier.recipients:
         return
     run_id = str(flow_run.id)
     message = notice(kind, flow_run.name or "", run_id, counts, unit=unit,
-                     link=run_link(run_id), outcome=outcome)
+                     link=run_link(run_id), outcome=outcome, stopped=stopped)
     if notifier.recipients.emails:
         _email(notifier, message)
     for url in notifier.recipients.webhooks:
         _post(url, message)
+
+
+@contextlib.contextmanager
+def notified_if_raising(notifier: Notifier, kind: str, unit: str = "studies") -> Iterator[None]:
+    """The flow's work after its notifier is known: if it raises (every association refused,
+    the Prefect API gone, a bug), the recipients still hear that the run failed. Prefect's
+    pause and cancel signals are not errors and pass untold."""
+    try:
+        yield
+    except Exception:
+        notify_end(notifier, kind, {}, unit=unit, stopped=True)
+        raise
 
 
 def run_link(run_id: str) -> str | None:

@@ -35,7 +35,7 @@ from adit_tasks.core.results import StudyJob, StudyResult
 from adit_tasks.core.tables import check_table_path, write_table
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.notify import Notifier, notifier_for, notify_end
+from adit_tasks.notify import Notifier, notified_if_raising, notifier_for, notify_end
 from adit_tasks.runs import (
     Progress,
     publish_table,
@@ -74,42 +74,43 @@ def batch_query_flow(
     """
     settings = load_settings(nodes_file)
     notifier = notifier_for(settings, notify)
-    node = settings.server(source)
-    if out:
-        check_table_path(out)
-    rows = read_batch_file(batch, "query")
-    gate = Gate.of(node, window, urgent)
-    conn = Connection(node, settings.ae_title, slot_held_by_caller)  # the task holds the slot
-    ensure_node_limits([node])
-    task = run_task(query_rows_task, settings.retry)
-    chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
-    progress = Progress("batch rows answered")
-    answered = 0
+    with notified_if_raising(notifier, "batch query", unit="rows"):
+        node = settings.server(source)
+        if out:
+            check_table_path(out)
+        rows = read_batch_file(batch, "query")
+        gate = Gate.of(node, window, urgent)
+        conn = Connection(node, settings.ae_title, slot_held_by_caller)  # the task holds the slot
+        ensure_node_limits([node])
+        task = run_task(query_rows_task, settings.retry)
+        chunks = [rows[i:i + ROWS_PER_TASK] for i in range(0, len(rows), ROWS_PER_TASK)]
+        progress = Progress("batch rows answered")
+        answered = 0
 
-    def run_round(pending: list[list[BatchRow]]) -> list[list[Result] | OutsideWindow]:
-        nonlocal answered
-        calls = [(f"rows-{chunk[0].row}-{chunk[-1].row}", (conn, gate, chunk, level))
-                 for chunk in pending]
-        outcomes: list[list[Result] | OutsideWindow] = []
-        for chunk, answer in zip(pending, results_in_order(task, calls), strict=True):
-            if isinstance(answer, OutsideWindow):
+        def run_round(pending: list[list[BatchRow]]) -> list[list[Result] | OutsideWindow]:
+            nonlocal answered
+            calls = [(f"rows-{chunk[0].row}-{chunk[-1].row}", (conn, gate, chunk, level))
+                     for chunk in pending]
+            outcomes: list[list[Result] | OutsideWindow] = []
+            for chunk, answer in zip(pending, results_in_order(task, calls), strict=True):
+                if isinstance(answer, OutsideWindow):
+                    outcomes.append(answer)
+                    continue
+                if isinstance(answer, BaseException):
+                    answer = [result_row(r, level, "failure", str(answer)) for r in chunk]
                 outcomes.append(answer)
-                continue
-            if isinstance(answer, BaseException):
-                answer = [result_row(r, level, "failure", str(answer)) for r in chunk]
-            outcomes.append(answer)
-            answered += len(chunk)
-            progress.update(answered, len(rows))
-        return outcomes
+                answered += len(chunk)
+                progress.update(answered, len(rows))
+            return outcomes
 
-    done, postponed, opens = run_in_windows(chunks, run_round, can_wait=not deployment.id)
-    later = _postponed_message(gate.node, opens) if postponed else ""
-    results = [result for i, chunk in enumerate(chunks)
-               for result in (done[i] if i in done else
-                              [result_row(r, level, "postponed", later) for r in chunk])]
-    return _finish(results, out, key="batch-query-result", public=[
-        "Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
-        "NumberOfStudyRelatedInstances"], notifier=notifier, kind="batch query")
+        done, postponed, opens = run_in_windows(chunks, run_round, can_wait=not deployment.id)
+        later = _postponed_message(gate.node, opens) if postponed else ""
+        results = [result for i, chunk in enumerate(chunks)
+                   for result in (done[i] if i in done else
+                                  [result_row(r, level, "postponed", later) for r in chunk])]
+        return _finish(results, out, key="batch-query-result", public=[
+            "Row", "Status", "Message", "StudyDate", "ModalitiesInStudy",
+            "NumberOfStudyRelatedInstances"], notifier=notifier, kind="batch query")
 
 
 # More workers than a node's usual slots: the next studies' task runs start (Prefect's
@@ -137,18 +138,19 @@ def batch_transfer_flow(
     options = options or TransferOptions()
     settings = load_settings(nodes_file)
     notifier = notifier_for(settings, notify)
-    if out:
-        check_table_path(out)
-    rows = read_batch_file(batch, "transfer")
-    jobs, job_of_row = _jobs([r for r in rows if not r.query_status], options)
-    by_job = transfer_jobs(settings, source, destination, jobs, options, method) if jobs else []
-    results = [_transfer_result(row, by_job[job_of_row[row.row]] if not row.query_status
-                                else None) for row in rows]
-    public = ["Row", "Status", "Instances", "Message"] + (
-        ["Pseudonym", "DestinationStudyInstanceUID"] if options.pseudonymizing
-        else ["StudyInstanceUID"])
-    return _finish(results, out, key="batch-transfer-result", public=public,
-                   notifier=notifier, kind="batch transfer")
+    with notified_if_raising(notifier, "batch transfer", unit="rows"):
+        if out:
+            check_table_path(out)
+        rows = read_batch_file(batch, "transfer")
+        jobs, job_of_row = _jobs([r for r in rows if not r.query_status], options)
+        by_job = transfer_jobs(settings, source, destination, jobs, options, method) if jobs else []
+        results = [_transfer_result(row, by_job[job_of_row[row.row]] if not row.query_status
+                                    else None) for row in rows]
+        public = ["Row", "Status", "Instances", "Message"] + (
+            ["Pseudonym", "DestinationStudyInstanceUID"] if options.pseudonymizing
+            else ["StudyInstanceUID"])
+        return _finish(results, out, key="batch-transfer-result", public=public,
+                       notifier=notifier, kind="batch transfer")
 
 
 def _jobs(rows: list[BatchRow], options: TransferOptions) -> tuple[list[StudyJob],

@@ -38,7 +38,7 @@ from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.plan import Gate
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.notify import notifier_for, notify_end
+from adit_tasks.notify import notified_if_raising, notifier_for, notify_end
 from adit_tasks.runs import publish_table, run_task, transfer_jobs
 from adit_tasks.secrets import read_secrets
 from adit_tasks.tasks import find_chunk_task
@@ -102,60 +102,61 @@ def continuous_transfer_flow(
     options = options or TransferOptions()
     settings = load_settings(nodes_file)
     notifier = notifier_for(settings, notify)
-    node = settings.server(source)
-    settings.node(destination)
-    sweep = Sweep.of(start_date, end_date, chunk_days, overlap_days, recheck_chunks,
-                     max_studies_per_run)
-    flt = StudyFilter(modality=modality, study_description=Pattern(study_description),
-                      series_description=Pattern(series_description),
-                      institution_name=Pattern(institution_name), min_instances=min_instances)
-    gate = Gate.of(node, options.window, options.urgent)
-    conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    find_chunk = run_task(find_chunk_task, settings.retry)
-    digest = None
-    if options.pseudonymizing:
-        secret = read_secrets(settings, options).pseudonym_secret
-        if not secret:
-            raise ConfigError("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET or "
-                              "the Prefect Secret block 'adit-pseudonym-secret'")
-        digest = keyed_digest(secret)
-    ensure_node_limits([node])
-    key = state_variable(job)
-    planner = RunPlanner(JobState.load(Variable.get(key, default=None), sweep.start), sweep,
-                         windows.clock(), state_limit=STATE_LIMIT, digest=digest)
+    with notified_if_raising(notifier, "continuous transfer"):
+        node = settings.server(source)
+        settings.node(destination)
+        sweep = Sweep.of(start_date, end_date, chunk_days, overlap_days, recheck_chunks,
+                         max_studies_per_run)
+        flt = StudyFilter(modality=modality, study_description=Pattern(study_description),
+                          series_description=Pattern(series_description),
+                          institution_name=Pattern(institution_name), min_instances=min_instances)
+        gate = Gate.of(node, options.window, options.urgent)
+        conn = Connection(node, settings.ae_title, slot_held_by_caller)
+        find_chunk = run_task(find_chunk_task, settings.retry)
+        digest = None
+        if options.pseudonymizing:
+            secret = read_secrets(settings, options).pseudonym_secret
+            if not secret:
+                raise ConfigError("pseudonymization needs a secret: set ADIT_PSEUDONYM_SECRET or "
+                                  "the Prefect Secret block 'adit-pseudonym-secret'")
+            digest = keyed_digest(secret)
+        ensure_node_limits([node])
+        key = state_variable(job)
+        planner = RunPlanner(JobState.load(Variable.get(key, default=None), sweep.start), sweep,
+                             windows.clock(), state_limit=STATE_LIMIT, digest=digest)
 
-    def save() -> None:
-        Variable.set(key, planner.state.dump(STATE_LIMIT), overwrite=True)
+        def save() -> None:
+            Variable.set(key, planner.state.dump(STATE_LIMIT), overwrite=True)
 
-    try:
-        while (step := planner.next_step()) is not None:
-            gate.check()
-            if step.kind == "retry" and not step.by_digest:
-                found = list(step.retry)
-            else:
-                found = find_chunk.with_options(task_run_name=f"find-{step.name}")(
-                    conn, gate, flt, step.first, step.last, find_limit)
-                if step.by_digest:  # only the failed studies of the chunk
-                    found = [j for j in found if planner.key_of(j.study_uid) in step.keys]
-            jobs = [replace(j, pseudonym=options.pseudonym) for j in found]
-            results = transfer_jobs(settings, source, destination, jobs, options,
-                                    continue_postponed=False) if jobs else []
-            planner.record(step, results)
-            save()
-    except OutsideWindow as exc:
-        planner.stop(str(exc))
-    save()
-    logger.info("run %d stopped: %s", planner.state.runs, planner.stopped)
-    result = planner.summary()
-    line = (f"found {result['found']}, rechecked {result['rechecked']}, transferred "
-            f"{result['transferred']}, already present {result['already present']}, failed "
-            f"{result['failed']}, backlog {result['backlog_days']} days")
-    publish_table(planner.report_rows(),
-                  key=f"continuous-{re.sub(r'[^a-z0-9-]', '-', job.lower())}",
-                  description=f"continuous job {job}, run {planner.state.runs}: {line}")
-    if result["failed"]:
-        # Only runs with failures notify: a run every 30 minutes would flood the inbox.
-        notify_end(notifier, "continuous transfer", planner.tally.as_dict(),
-                   outcome="partial" if result["transferred"] else "failure")
-        return Failed(message=line, data=result)
-    return Completed(message=line, data=result)
+        try:
+            while (step := planner.next_step()) is not None:
+                gate.check()
+                if step.kind == "retry" and not step.by_digest:
+                    found = list(step.retry)
+                else:
+                    found = find_chunk.with_options(task_run_name=f"find-{step.name}")(
+                        conn, gate, flt, step.first, step.last, find_limit)
+                    if step.by_digest:  # only the failed studies of the chunk
+                        found = [j for j in found if planner.key_of(j.study_uid) in step.keys]
+                jobs = [replace(j, pseudonym=options.pseudonym) for j in found]
+                results = transfer_jobs(settings, source, destination, jobs, options,
+                                        continue_postponed=False) if jobs else []
+                planner.record(step, results)
+                save()
+        except OutsideWindow as exc:
+            planner.stop(str(exc))
+        save()
+        logger.info("run %d stopped: %s", planner.state.runs, planner.stopped)
+        result = planner.summary()
+        line = (f"found {result['found']}, rechecked {result['rechecked']}, transferred "
+                f"{result['transferred']}, already present {result['already present']}, failed "
+                f"{result['failed']}, backlog {result['backlog_days']} days")
+        publish_table(planner.report_rows(),
+                      key=f"continuous-{re.sub(r'[^a-z0-9-]', '-', job.lower())}",
+                      description=f"continuous job {job}, run {planner.state.runs}: {line}")
+        if result["failed"]:
+            # Only runs with failures notify: a run every 30 minutes would flood the inbox.
+            notify_end(notifier, "continuous transfer", planner.tally.as_dict(),
+                       outcome="partial" if result["transferred"] else "failure")
+            return Failed(message=line, data=result)
+        return Completed(message=line, data=result)

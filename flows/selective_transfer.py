@@ -32,7 +32,7 @@ from adit_tasks.core.notice import status_counts
 from adit_tasks.core.options import StudySearch, TransferOptions
 from adit_tasks.core.results import StudyJob
 from adit_tasks.limits import ensure_node_limits
-from adit_tasks.notify import notifier_for, notify_end
+from adit_tasks.notify import notified_if_raising, notifier_for, notify_end
 from adit_tasks.runs import publish, run_task, transfer_jobs
 from adit_tasks.tasks import find_task
 
@@ -93,43 +93,44 @@ def selective_transfer_flow(
     logger = get_run_logger()
     settings = load_settings(nodes_file)
     notifier = notifier_for(settings, notify)
-    node = settings.server(source)
-    settings.node(destination)
-    ensure_node_limits([node])
-    query = (search or StudySearch()).query("study", limit=limit + 1)
-    conn = Connection(node, settings.ae_title, slot_held_by_caller)
-    studies = run_task(find_task, settings.retry)(conn, query)
-    if not studies:
-        return Completed(message="No studies match the search; nothing to transfer.")
-    if len(studies) > limit:
-        return Completed(message=f"More than {limit} studies match: narrow the search "
-                                 "(patient, dates, modality) or raise the limit.")
-    destinations = [n.name for n in settings.nodes
-                    if not isinstance(n, ServerNode) or n.store]
-    form = selection_form(studies, destinations, destination)
-    description = (f"**{len(studies)} studies found on {source}.** Tick the ones to "
-                   f"transfer, choose the destination and options, then submit.\n\n"
-                   + studies_table(studies))
-    try:
-        choice = pause_flow_run(wait_for_input=form.with_initial_data(description=description),
-                                timeout=max(1, round(timeout_minutes * 60)),
-                                poll_interval=2)
-    except FlowPauseTimeout:
-        # The run is still Paused on the server, which refuses Paused -> Completed: move it
-        # back to Running so the run can end as Completed with this message.
-        run_id = get_run_context().flow_run.id
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run_id, Running(), force=True)
-        return Completed(message=f"Nobody chose studies within {timeout_minutes:g} minutes; "
-                                 "nothing was transferred.")
-    picked = [studies[int(label.split(".", 1)[0]) - 1] for label in choice.studies]
-    if not picked:
-        return Completed(message="No study was selected; nothing was transferred.")
-    options = TransferOptions(**{name: getattr(choice, name)
-                                 for name in TransferOptions.model_fields})
-    logger.info("%d of %d studies selected", len(picked), len(studies))
-    jobs = [StudyJob(s.StudyInstanceUID, (), options.pseudonym) for s in picked]
-    results = transfer_jobs(settings, source, choice.destination, jobs, options)
-    state = publish(results, pseudonymizing=options.pseudonymizing)
-    notify_end(notifier, "selective transfer", status_counts(r.status for r in results))
-    return state
+    with notified_if_raising(notifier, "selective transfer"):
+        node = settings.server(source)
+        settings.node(destination)
+        ensure_node_limits([node])
+        query = (search or StudySearch()).query("study", limit=limit + 1)
+        conn = Connection(node, settings.ae_title, slot_held_by_caller)
+        studies = run_task(find_task, settings.retry)(conn, query)
+        if not studies:
+            return Completed(message="No studies match the search; nothing to transfer.")
+        if len(studies) > limit:
+            return Completed(message=f"More than {limit} studies match: narrow the search "
+                                     "(patient, dates, modality) or raise the limit.")
+        destinations = [n.name for n in settings.nodes
+                        if not isinstance(n, ServerNode) or n.store]
+        form = selection_form(studies, destinations, destination)
+        description = (f"**{len(studies)} studies found on {source}.** Tick the ones to "
+                       f"transfer, choose the destination and options, then submit.\n\n"
+                       + studies_table(studies))
+        try:
+            choice = pause_flow_run(wait_for_input=form.with_initial_data(description=description),
+                                    timeout=max(1, round(timeout_minutes * 60)),
+                                    poll_interval=2)
+        except FlowPauseTimeout:
+            # The run is still Paused on the server, which refuses Paused -> Completed: move it
+            # back to Running so the run can end as Completed with this message.
+            run_id = get_run_context().flow_run.id
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(run_id, Running(), force=True)
+            return Completed(message=f"Nobody chose studies within {timeout_minutes:g} minutes; "
+                                     "nothing was transferred.")
+        picked = [studies[int(label.split(".", 1)[0]) - 1] for label in choice.studies]
+        if not picked:
+            return Completed(message="No study was selected; nothing was transferred.")
+        options = TransferOptions(**{name: getattr(choice, name)
+                                     for name in TransferOptions.model_fields})
+        logger.info("%d of %d studies selected", len(picked), len(studies))
+        jobs = [StudyJob(s.StudyInstanceUID, (), options.pseudonym) for s in picked]
+        results = transfer_jobs(settings, source, choice.destination, jobs, options)
+        state = publish(results, pseudonymizing=options.pseudonymizing)
+        notify_end(notifier, "selective transfer", status_counts(r.status for r in results))
+        return state

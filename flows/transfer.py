@@ -23,7 +23,7 @@ from adit_tasks.core.find import is_uid
 from adit_tasks.core.notice import status_counts
 from adit_tasks.core.options import TransferOptions
 from adit_tasks.core.results import StudyJob
-from adit_tasks.notify import notifier_for, notify_end
+from adit_tasks.notify import notified_if_raising, notifier_for, notify_end
 from adit_tasks.runs import publish, transfer_jobs
 
 
@@ -59,8 +59,9 @@ def transfer_flow(
     jobs = [StudyJob(uid, series_uids, options.pseudonym) for uid in study_uids]
     settings = load_settings(nodes_file)
     notifier = notifier_for(settings, notify)
-    results = transfer_jobs(settings, source, destination, jobs, options, method)
-    state = publish(results, pseudonymizing=options.pseudonymizing)
+    with notified_if_raising(notifier, "transfer"):
+        results = transfer_jobs(settings, source, destination, jobs, options, method)
+        state = publish(results, pseudonymizing=options.pseudonymizing)
     notify_end(notifier, "transfer", status_counts(r.status for r in results))
     return state
 

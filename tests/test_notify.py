@@ -196,6 +196,23 @@ def test_transfer_failure_reports_failure_counts(lab, prefect_server, tmp_path, 
     assert payload["outcome"] == "failure" and payload["counts"] == {"failure": 1}
 
 
+def test_a_run_that_raises_still_notifies_failure(lab, prefect_server, tmp_path, smtp, hooks):
+    """An error after the run knows its recipients (here a destination the nodes file does
+    not have) ends the run Failed by an exception, not with results: the recipients are
+    told all the same, without counts and without the error's text."""
+    port, _ = smtp
+    posts = len(hooks.posts)
+    state = transfer_flow("orthanc1", "no-such-node", ["1.2.3.4.5.6.7.405"],
+                          nodes_file=nodes_file(lab, tmp_path, port),
+                          notify=[f"{hooks.url}/job"], return_state=True)
+    assert state.is_failed()
+    [(path, body)] = hooks.posts[posts:]
+    payload = json.loads(body)
+    assert path == "/job" and payload["outcome"] == "failure" and payload["stopped"] is True
+    assert payload["counts"] == {} and "stopped by an error" in payload["subject"]
+    assert "unknown node" not in body.decode()  # the error's text stays in the run's logs
+
+
 def test_batch_query_notifies_row_counts_without_the_patient(lab, prefect_server, tmp_path,
                                                              smtp, hooks, marker):
     port, inbox = smtp

@@ -109,22 +109,29 @@ class Notice:
 
 
 def notice(kind: str, run_name: str, run_id: str, counts: Mapping[str, int], *,
-           unit: str, link: str | None, outcome: Outcome | None = None) -> Notice:
+           unit: str, link: str | None, outcome: Outcome | None = None,
+           stopped: bool = False) -> Notice:
     """The message for a job's end. `counts`: items by status (`status_counts`); `unit`:
     what they are (studies, rows); `link`: the run in the Prefect UI, None when the UI is
     unknown (a temporary Prefect server); `outcome`: given when the counts are not statuses
-    (a continuous run's tally), else derived from them."""
+    (a continuous run's tally), else derived from them; `stopped`: the run stopped with an
+    error before its results were known (a failure without counts; the error's text is not
+    sent, it may name what the run was given)."""
     name = _safe(run_name) or "unnamed run"
     run = _safe(run_id)
     counted = {_safe(status): int(n) for status, n in counts.items()}
-    result = outcome or outcome_of(counted)
-    total = sum(counted.values()) if outcome is None else None
-    summary = ", ".join(f"{n} {status}" for status, n in counted.items()) or f"no {unit}"
+    result = "failure" if stopped else outcome or outcome_of(counted)
+    total = sum(counted.values()) if outcome is None and not stopped else None
+    summary = ("stopped by an error" if stopped else
+               ", ".join(f"{n} {status}" for status, n in counted.items()) or f"no {unit}")
     subject = f"[ADIT] {kind} {result}: {name} ({summary})"
     where = (f"Run in the Prefect UI: {link}" if link else
              "Run in the Prefect UI: no link, the run used a temporary Prefect server "
              "(set PREFECT_API_URL or PREFECT_UI_URL for links)")
     lines = [f"ADIT {kind} run {name} ended: {result}.", ""]
+    if stopped:
+        lines.append("It stopped with an error before its results were known; the run's logs "
+                     "say why.")
     if total is not None:
         lines.append(f"{unit.capitalize()}: {total}")
     lines += [f"  {status}: {n}" for status, n in counted.items()]
@@ -132,8 +139,8 @@ def notice(kind: str, run_name: str, run_id: str, counts: Mapping[str, int], *,
     text = "\n".join(lines) + "\n"
     payload: dict[str, object] = {
         "source": "adit", "kind": kind, "run_name": name, "run_id": run, "outcome": result,
-        "unit": unit, "counts": counted, "total": total, "url": link, "subject": subject,
-        "text": text}
+        "unit": unit, "counts": counted, "total": total, "stopped": stopped, "url": link,
+        "subject": subject, "text": text}
     return Notice(subject, text, payload)
 
 
