@@ -183,16 +183,19 @@ def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
 
 def transfer_jobs(settings: Settings, source: str, destination: str, jobs: list[StudyJob],
                   options: TransferOptions, method: RetrieveMethod | None = None, *,
-                  continue_postponed: bool = True) -> list[StudyResult]:
+                  continue_postponed: bool = True,
+                  manifest_key: str | None = None) -> list[StudyResult]:
     """The edge of every flow that moves studies: secrets, plan and limits, then the run.
-    Everything that cannot work fails here (ConfigError), before any DICOM work."""
+    Everything that cannot work fails here (ConfigError), before any DICOM work.
+    `manifest_key`: a standing job's folder manifest (core.plan.standing_job_key)."""
     source_node, target = settings.server(source), settings.node(destination)
     secrets = read_secrets(settings, options)
     with transfer_plan(source_node, target, options, jobs, calling_ae=settings.ae_title,
                        receiver=settings.receiver, retry=settings.retry, method=method,
                        pseudonym_secret=secrets.pseudonym_secret,
                        archive_password=secrets.archive_password,
-                       slot=slot_held_by_caller, spare=spare_node_slot) as plan:
+                       slot=slot_held_by_caller, spare=spare_node_slot,
+                       manifest_key=manifest_key) as plan:
         ensure_node_limits(list(plan.nodes))
         return run_studies(plan, jobs, continue_postponed=continue_postponed)
 

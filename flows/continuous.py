@@ -35,7 +35,7 @@ from adit_tasks.core.continuous import (
 )
 from adit_tasks.core.errors import ConfigError
 from adit_tasks.core.options import TransferOptions
-from adit_tasks.core.plan import Gate
+from adit_tasks.core.plan import Gate, standing_job_key
 from adit_tasks.core.windows import OutsideWindow
 from adit_tasks.limits import ensure_node_limits
 from adit_tasks.notify import notified_if_raising, notifier_for, notify_end
@@ -139,8 +139,10 @@ def continuous_transfer_flow(
                     if step.by_digest:  # only the failed studies of the chunk
                         found = [j for j in found if planner.key_of(j.study_uid) in step.keys]
                 jobs = [replace(j, pseudonym=options.pseudonym) for j in found]
+                # One folder manifest for the job, whatever the run or chunk.
                 results = transfer_jobs(settings, source, destination, jobs, options,
-                                        continue_postponed=False) if jobs else []
+                                        continue_postponed=False,
+                                        manifest_key=standing_job_key(job)) if jobs else []
                 planner.record(step, results)
                 save()
         except OutsideWindow as exc:

@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from adit_tasks.core import windows
+from adit_tasks.core.manifest import verify_folder
+from adit_tasks.core.plan import standing_job_key
 from adit_tasks.lab.servers import OrthancServer
 from adit_tasks.lab.synthetic import SeriesSpec, StudySpec, make_study, write_study
 from flows import continuous as continuous_module
@@ -91,8 +93,9 @@ def until_done(run, limit: int = 12) -> list[dict]:
     raise AssertionError(f"backlog not done after {limit} runs: {results[-1]}")
 
 
-def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archive):
+def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archive, request):
     run, server, expected, research = job
+    job_name = request.node.name
     results = until_done(run)
     assert len(results) >= 3, "the budget of 25 studies per run should need several runs"
     assert arrived(research) == expected
@@ -129,6 +132,11 @@ def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archiv
     assert result["runs_per_recheck_cycle"] == 25
     expected |= {today.study_uid: 1, recent.study_uid: 1, grow.study_uid: 2, old.study_uid: 1}
     assert counts == expected
+    # One manifest for the job, whatever the runs and chunks: it lists every file, once.
+    assert sorted(p.name for p in (research / "manifests").iterdir()) == [
+        f"{standing_job_key(job_name)}.csv", f"{standing_job_key(job_name)}.json"]
+    report = verify_folder(research)
+    assert report.ok and report.files == sum(expected.values())
 
 
 def test_crash_in_the_middle_loses_and_duplicates_nothing(job, monkeypatch):

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection, SlotFactory, SpareSlotFactory
@@ -30,7 +30,7 @@ from adit_tasks.core.config import (
     ServerNode,
 )
 from adit_tasks.core.errors import ConfigError, NotSupported
-from adit_tasks.core.folder import safe_component
+from adit_tasks.core.folder import safe_component, unique_component
 from adit_tasks.core.manifest import Job, JobManifest
 from adit_tasks.core.nifti import NiftiSink
 from adit_tasks.core.options import TransferOptions
@@ -104,10 +104,12 @@ def transfer_plan(
     archive_password: str = "",
     slot: SlotFactory,
     spare: SpareSlotFactory | None = None,
+    manifest_key: str | None = None,
 ) -> Iterator[TransferPlan]:
     """The plan of one transfer run from `source_node` to `target`; ConfigError for anything
     that cannot work, before any DICOM work starts. `slot` limits the plan's associations (see
-    adit_tasks.core.association); `receiver` is where a C-MOVE run listens."""
+    adit_tasks.core.association); `receiver` is where a C-MOVE run listens. `manifest_key`:
+    a standing job's folder manifest (`standing_job_key`), else the job's own key."""
     destination = target.name
     chosen = choose_method(source_node, method)
     pseudonymizer = None
@@ -160,7 +162,8 @@ def transfer_plan(
                                **common)
             return
         if isinstance(target, FolderNode):
-            manifest = JobManifest(job, target.path)
+            manifest = JobManifest(replace(job, key=manifest_key) if manifest_key else job,
+                                   target.path)
             yield TransferPlan(retriever=retriever,
                                sink=with_nifti(FolderSink(target.path, manifest)),
                                destination=None, manifest=manifest, **common)
@@ -170,6 +173,12 @@ def transfer_plan(
         dest_conn = Connection(target, calling_ae, slot)
         sink = ServerSink(dest_conn) if target.has_dimse else DicomWebSink(dest_conn)
         yield TransferPlan(retriever=retriever, sink=sink, destination=target, **common)
+
+
+def standing_job_key(name: str) -> str:
+    """The folder manifest's key of a standing job (a continuous job, by its name): its runs
+    and their chunks come and go, its one manifest grows (rows merge by path)."""
+    return f"continuous-{unique_component(name, 'job')}"
 
 
 def job_key(options: TransferOptions, jobs: list[StudyJob]) -> str:
