@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from prefect import get_run_logger
@@ -177,7 +178,11 @@ def run_studies(plan: TransferPlan, jobs: list[StudyJob], *,
                 f"{opens:%Y-%m-%d %H:%M}{note}")
         for i, (n, job) in enumerate(numbered)]
     _close_archive(plan, results)
-    _write_folder_manifest(plan)
+    problem = _write_folder_manifest(plan)
+    if problem:
+        # Delivered, but the recipient cannot prove it: not a plain success.
+        results = [replace(r, status="warning", message="; ".join(filter(None, (
+            r.message, problem)))) if r.status == "success" else r for r in results]
     return results
 
 
@@ -213,18 +218,20 @@ def _close_archive(plan: TransferPlan, results: list[StudyResult]) -> None:
         logger.info("archive written: %s", plan.archive.finish().name)
 
 
-def _write_folder_manifest(plan: TransferPlan) -> None:
+def _write_folder_manifest(plan: TransferPlan) -> str:
     """A folder job's manifest, also when studies failed: it lists what is there. A failure
-    to write it is a warning: the studies' results stand (`adit verify` then finds no or an
-    older manifest)."""
+    to write it does not undo the studies, it turns their successes into warnings (`adit
+    verify` would find no or an older manifest); the problem, or "" when it was written."""
     if plan.manifest is None or plan.manifest.root is None:
-        return
+        return ""
     try:
         path = plan.manifest.write_to_folder(_run_info())
     except (OSError, AditError) as exc:
-        get_run_logger().warning("manifest not written: %s", exc)
-        return
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        get_run_logger().warning("manifest not written: %s", reason)
+        return f"the job's manifest could not be written ({reason}): adit verify cannot check it"
     get_run_logger().info("manifest written: %s", path.name)
+    return ""
 
 
 def _run_info() -> RunInfo:

@@ -127,6 +127,21 @@ def test_folder_delivery_verified_then_each_difference_found_and_reruns_merge(
     assert adit_verify(downloads)[0] == 0
 
 
+def test_a_manifest_that_cannot_be_written_turns_successes_into_warnings(
+        lab, prefect_server, tmp_path, marker):
+    """The files arrived but the recipient could not prove it: the study is not a plain
+    success, its message says why, and nothing that arrived is lost."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "manifests").write_text("a file where the manifests folder should be")
+    [result] = transfer_flow("orthanc1", "downloads", [MARKER.study_uid],
+                             nodes_file=lab.nodes_file_in(tmp_path),
+                             return_state=True).result(raise_on_failure=False)
+    assert result.status == "warning"
+    assert "manifest could not be written" in result.message
+    assert len(list(downloads.glob("*/*/*/*.dcm"))) == MARKER.instance_count
+
+
 def test_pseudonymized_archive_manifest_verified_with_its_password_only(
         lab, prefect_server, tmp_path, marker, monkeypatch):
     monkeypatch.setenv("ADIT_PSEUDONYM_SECRET", SECRET)
