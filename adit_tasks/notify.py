@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -80,9 +80,18 @@ def notify_end(notifier: Notifier, kind: str, counts: Mapping[str, int], *,
     message = notice(kind, flow_run.name or "", run_id, counts, unit=unit,
                      link=run_link(run_id), outcome=outcome, stopped=stopped)
     if notifier.recipients.emails:
-        _email(notifier, message)
+        _guarded(_email, notifier, message, what="e-mail")
     for url in notifier.recipients.webhooks:
-        _post(url, message)
+        _guarded(_post, url, message, what=f"webhook to {urlsplit(url).hostname}")
+
+
+def _guarded(send: Callable[..., None], *args: object, what: str) -> None:
+    """One channel: whatever goes wrong (a URL httpx refuses, the Prefect API gone while the
+    e-mail task is submitted) is a warning naming its type, never the run's error."""
+    try:
+        send(*args)
+    except Exception as exc:
+        get_run_logger().warning("job-end %s not sent: %s", what, type(exc).__name__)
 
 
 @contextlib.contextmanager
@@ -93,7 +102,8 @@ def notified_if_raising(notifier: Notifier, kind: str, unit: str = "studies") ->
     try:
         yield
     except Exception:
-        notify_end(notifier, kind, {}, unit=unit, stopped=True)
+        with contextlib.suppress(Exception):  # the run's own error is the one to see
+            notify_end(notifier, kind, {}, unit=unit, stopped=True)
         raise
 
 

@@ -326,7 +326,8 @@ def test_a_bad_notify_entry_fails_the_run_before_any_work(lab, prefect_server, t
 @pytest.mark.parametrize("bad", ["ops", "ops@", "javascript://x", "file:///etc/passwd",
                                  "http://", "Ops <ops@example.org>",
                                  "ops@example.org\r\nBcc: all@example.org",
-                                 "https://host.example/a b"])
+                                 "https://host.example/a b", "http://127.0.0.1:abc/x",
+                                 "http://127.0.0.1:99999/x"])
 def test_recipients_refuse_anything_but_addresses_and_http_urls(bad):
     with pytest.raises(InvalidInput, match=r"notify entry 2 of 2"):
         recipients(["ops@example.org", bad])

@@ -175,11 +175,22 @@ def test_folder_writer_refuses_paths_out_of_its_root(tmp_path) -> None:
     (root / "link").symlink_to(outside)
     writer = FolderWriter(root)
     for relative in (Path("../x.dcm"), Path("a/../../x.dcm"), Path("/tmp/x.dcm"),
-                     Path("link/x.dcm")):
+                     Path("link/x.dcm"), Path("link/new/deeper/x.dcm")):
         with pytest.raises(ValueError, match="outside the destination"):
             writer.write(relative, b"data")
     assert writer.finish() == {}
-    assert list(outside.iterdir()) == []
+    assert list(outside.iterdir()) == []  # not even a folder was created there
+
+
+def test_folder_writer_same_name_twice_keeps_the_later_bytes_and_their_digest(tmp_path) -> None:
+    for _ in range(20):
+        writer = FolderWriter(tmp_path)
+        for i in range(5):  # the first the largest: its write would finish last
+            writer.write(Path("s/x.dcm"), bytes([i]) * (4_000_000 // (i + 1)))
+        digests = writer.finish()
+        data = (tmp_path / "s" / "x.dcm").read_bytes()
+        assert data == bytes([4]) * 800_000
+        assert digests == {Path("s/x.dcm"): hashlib.sha256(data).hexdigest()}
 
 
 def test_multipart_parts_come_out_whole_however_the_stream_is_cut() -> None:

@@ -17,7 +17,7 @@ import re
 import secrets
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from adit_tasks.core.errors import DestinationUnwritable
@@ -78,6 +78,7 @@ class FolderWriter:
         self.root = root.resolve()
         self._folders: set[Path] = set()
         self._pending: list[tuple[Path, Future[str]]] = []
+        self._by_path: dict[Path, Future[str]] = {}
         self._room = threading.Condition()
         self._pending_bytes = 0
         self._failed = threading.Event()
@@ -88,30 +89,46 @@ class FolderWriter:
             raise ValueError("refusing to write outside the destination folder")
         folder = self.root / relative.parent
         if folder not in self._folders:
+            # A folder that is (or lies below) a symlink out of the destination is refused,
+            # before anything is created there (checked once per folder and writer).
+            self._check_inside(folder)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise _classified(exc) from None
-            # A folder that is a symlink out of the destination is refused (once per folder).
-            if not folder.resolve().is_relative_to(self.root):
-                raise ValueError("refusing to write outside the destination folder")
+            self._check_inside(folder)
             self._folders.add(folder)
         if self._failed.is_set():
             self.finish()  # waits for the other files, raises the first error
+        earlier = self._by_path.get(relative)
+        if earlier is not None:
+            wait([earlier])  # the same name twice: the later bytes win, and their digest
         with self._room:
             self._room.wait_for(lambda: self._pending_bytes < self.MAX_PENDING_BYTES)
             self._pending_bytes += len(data)
-        self._pending.append((relative, _pool.submit(self._write, folder / relative.name, data)))
+        future = _pool.submit(self._write, folder / relative.name, data)
+        self._pending.append((relative, future))
+        self._by_path[relative] = future
+
+    def _check_inside(self, folder: Path) -> None:
+        if not folder.resolve().is_relative_to(self.root):
+            raise ValueError("refusing to write outside the destination folder")
 
     def finish(self) -> dict[Path, str]:
         """Wait for every file, make the folders durable; relative path -> SHA-256."""
         errors = [exc for exc in (f.exception() for _, f in self._pending) if exc is not None]
         if errors:
             raise _classified(errors[0])
+        # The folders written to and every folder above them up to the root: a folder that
+        # mkdir created is durable only once its parent is synced too.
+        synced = {self.root}
         for folder in self._folders:
+            synced.update(p for p in (folder, *folder.parents) if p.is_relative_to(self.root))
+        for folder in sorted(synced, reverse=True):
             _sync_folder(folder)
         digests = {relative: future.result() for relative, future in self._pending}
         self._pending.clear()
+        self._by_path.clear()
         return digests
 
     def _write(self, path: Path, data: bytes) -> str:

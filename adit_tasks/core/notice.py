@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from adit_tasks.core.errors import InvalidInput
 
@@ -57,7 +57,7 @@ def recipients(entries: Iterable[str], what: str = "notify") -> Recipients:
         if "://" in entry:
             parts = urlsplit(entry)
             if parts.scheme not in ("http", "https") or not parts.hostname or re.search(
-                    r"\s", entry):
+                    r"\s", entry) or not _valid_port(parts):
                 raise InvalidInput(f"{what} entry {n} of {len(entries)} ({_shown(entry)}) is "
                                    "not a webhook URL: only http:// or https:// with a host")
             webhooks.append(entry)
@@ -67,6 +67,15 @@ def recipients(entries: Iterable[str], what: str = "notify") -> Recipients:
             raise InvalidInput(f"{what} entry {n} of {len(entries)} ({_shown(entry)}) is "
                                "neither an e-mail address (name@host) nor an http(s) URL")
     return Recipients(tuple(dict.fromkeys(emails)), tuple(dict.fromkeys(webhooks)))
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    """A port that is absent or a number in range (`:abc` would fail only when sending)."""
+    try:
+        parts.port  # noqa: B018 - the property raises ValueError for a bad port
+    except ValueError:
+        return False
+    return True
 
 
 def is_email(value: str) -> bool:
