@@ -13,10 +13,12 @@ retries them by querying that chunk again (`adit_tasks.core.continuous`, README 
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import replace
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types import MAX_VARIABLE_VALUE_LENGTH
@@ -122,6 +124,8 @@ def continuous_transfer_flow(
             digest = keyed_digest(secret)
         ensure_node_limits([node])
         key = state_variable(job)
+        manifest_key = standing_job_key(
+            job, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{str(flow_run.id or 'local')[:8]}")
         planner = RunPlanner(JobState.load(Variable.get(key, default=None), sweep.start), sweep,
                              windows.clock(), state_limit=STATE_LIMIT, digest=digest)
 
@@ -139,10 +143,10 @@ def continuous_transfer_flow(
                     if step.by_digest:  # only the failed studies of the chunk
                         found = [j for j in found if planner.key_of(j.study_uid) in step.keys]
                 jobs = [replace(j, pseudonym=options.pseudonym) for j in found]
-                # One folder manifest for the job, whatever the run or chunk.
+                # One folder manifest per run (not per chunk), in the job's own folder.
                 results = transfer_jobs(settings, source, destination, jobs, options,
                                         continue_postponed=False,
-                                        manifest_key=standing_job_key(job)) if jobs else []
+                                        manifest_key=manifest_key) if jobs else []
                 planner.record(step, results)
                 save()
         except OutsideWindow as exc:

@@ -111,7 +111,7 @@ def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archiv
     # A study that grows: one more instance for a transferred study of the last days.
     grow = spec(903, TODAY.date() - dt.timedelta(days=1), "CT Thorax nativ", instances=1)
     server.upload(write_study(grow, research.parent / "grow1"))
-    run()
+    later = [run().result()]
     extra = next(iter(make_study(StudySpec(*[getattr(grow, f) for f in (
         "patient_id", "patient_name", "birth_date", "study_date", "study_time", "accession",
         "study_description")], (SeriesSpec("CT", "main", 2, 1, 16, 16),)))))
@@ -120,6 +120,7 @@ def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archiv
     server.upload([path])
     for _ in range(26):  # the re-check goes through 24 months of history, a month a run
         result = run().result()
+        later.append(result)
         if old.study_uid in arrived(research):
             break
     counts = arrived(research)
@@ -132,9 +133,13 @@ def test_backlog_over_several_runs_then_new_late_and_growing_studies(job, archiv
     assert result["runs_per_recheck_cycle"] == 25
     expected |= {today.study_uid: 1, recent.study_uid: 1, grow.study_uid: 2, old.study_uid: 1}
     assert counts == expected
-    # One manifest for the job, whatever the runs and chunks: it lists every file, once.
-    assert sorted(p.name for p in (research / "manifests").iterdir()) == [
-        f"{standing_job_key(job_name)}.csv", f"{standing_job_key(job_name)}.json"]
+    # The job's manifests in one folder of their own, one pair per run that had studies to
+    # look at (not one per chunk), and together they list every file.
+    job_folder = Path(standing_job_key(job_name, "x")).parent.name
+    assert [p.name for p in (research / "manifests").iterdir()] == [job_folder]
+    written = sorted((research / "manifests" / job_folder).iterdir())
+    with_studies = sum(1 for r in results + later if r["found"] or r["rechecked"])
+    assert len(written) == 2 * with_studies and with_studies <= len(results + later)
     report = verify_folder(research)
     assert report.ok and report.files == sum(expected.values())
 

@@ -288,7 +288,8 @@ def verify_folder(folder: Path) -> Report:
     """Check a folder destination against every manifest in `folder/manifests`."""
     if not folder.is_dir():
         raise CannotVerify(f"{folder}: no such folder")
-    paths = sorted((folder / FOLDER).glob("*.json"))
+    # A job's manifest, and a continuous job's one per run in the job's own folder.
+    paths = sorted([*(folder / FOLDER).glob("*.json"), *(folder / FOLDER).glob("*/*.json")])
     if not paths:
         raise CannotVerify(f"{folder}: no manifest (expected {FOLDER}/<job>.json)")
     expected: dict[str, set[tuple[int, str]]] = {}
@@ -296,8 +297,10 @@ def verify_folder(folder: Path) -> Report:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise CannotVerify(f"{path.name}: cannot be read ({exc.strerror})") from None
-        for row in Manifest.from_json(data, f"{FOLDER}/{path.name}").rows:
+            raise CannotVerify(f"{path.relative_to(folder).as_posix()}: cannot be read "
+                               f"({exc.strerror})") from None
+        shown = path.relative_to(folder).as_posix()
+        for row in Manifest.from_json(data, shown).rows:
             # The same file in two jobs' manifests (overlapping jobs) must match one of them.
             expected.setdefault(row.path, set()).add((row.size, row.sha256))
     root = folder.resolve()

@@ -109,7 +109,7 @@ def transfer_plan(
     """The plan of one transfer run from `source_node` to `target`; ConfigError for anything
     that cannot work, before any DICOM work starts. `slot` limits the plan's associations (see
     adit_tasks.core.association); `receiver` is where a C-MOVE run listens. `manifest_key`:
-    a standing job's folder manifest (`standing_job_key`), else the job's own key."""
+    a standing job's run's folder manifest (`standing_job_key`), else the job's own key."""
     destination = target.name
     chosen = choose_method(source_node, method)
     pseudonymizer = None
@@ -175,10 +175,11 @@ def transfer_plan(
         yield TransferPlan(retriever=retriever, sink=sink, destination=target, **common)
 
 
-def standing_job_key(name: str) -> str:
-    """The folder manifest's key of a standing job (a continuous job, by its name): its runs
-    and their chunks come and go, its one manifest grows (rows merge by path)."""
-    return f"continuous-{unique_component(name, 'job')}"
+def standing_job_key(name: str, run: str) -> str:
+    """The folder manifest of one run of a standing job (a continuous job, by its name):
+    `continuous-<job>/<run>`, one small manifest per run in the job's own folder of
+    `manifests/`, so no run rewrites the job's history and two runs never write one file."""
+    return f"continuous-{unique_component(name, 'job')}/{safe_component(run, 'run')}"
 
 
 def job_key(options: TransferOptions, jobs: list[StudyJob]) -> str:
