@@ -6,6 +6,7 @@ holds no original identifier, with a wrong password and without a manifest."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pydicom
@@ -223,6 +224,36 @@ def test_files_added_beside_instances_are_listed_with_their_kind(tmp_path):
     assert verify_folder(tmp_path).ok
     (tmp_path / study.folder / "nifti" / "1-CT.json").write_bytes(b"[]")
     assert verify_folder(tmp_path).changed == ("P1/20200101-2.25.1/nifti/1-CT.json",)
+
+
+def test_two_runs_of_one_job_writing_at_once_lose_no_rows(tmp_path):
+    """Runs of the same job that end together (a re-run started while the first finishes)
+    merge into its manifest one after the other: every run's files are listed."""
+    job = Job("adit-0123456789ab", "pacs", "downloads", {"archive": False})
+    runs = 8
+    manifests = []
+    for n in range(runs):
+        manifest = JobManifest(job, tmp_path)
+        sink = FolderSink(tmp_path, manifest)
+        study = StudyTarget(f"2.25.{n}", Path("P1") / f"study-{n}", pseudonymized=True)
+        for i in range(20):
+            sink.add_file(study, Path(f"{i}.bin"), bytes([n, i]) * 1000, kind="file")
+        manifests.append(manifest)
+    barrier = threading.Barrier(runs)
+
+    def write(manifest: JobManifest, n: int) -> None:
+        barrier.wait()
+        manifest.write_to_folder(RunInfo(f"id-{n}", "transfer", "2026-12-02T00:00"))
+
+    threads = [threading.Thread(target=write, args=(m, n)) for n, m in enumerate(manifests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows = Manifest.from_json((tmp_path / "manifests" / f"{job.key}.json").read_bytes(),
+                              "test").rows
+    assert len(rows) == runs * 20
+    assert verify_folder(tmp_path).ok
 
 
 def test_job_key_names_the_output_not_the_schedule() -> None:

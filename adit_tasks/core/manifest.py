@@ -40,13 +40,16 @@ inside the delivery; sizes, hashes and kinds well-formed) before anything is com
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -143,16 +146,17 @@ class JobManifest:
         write JSON and CSV atomically; the JSON's path."""
         assert self.root is not None, "an archive's manifest goes into the archive"
         json_path = Path(FOLDER) / f"{self.job.key}.json"
-        earlier = _earlier(self.root / json_path)
-        rows = {r.path: r for r in earlier.rows} if earlier else {}
-        rows.update((r.path, r) for r in self.rows())
-        with self._lock:
-            folders = sorted(self._folders)
-        for folder in folders:
-            rows.update((r.path, r) for r in _rebuilt_rows(self.root, folder, set(rows)))
-        manifest = Manifest.of(self.job, run, rows.values(), earlier)
-        write_atomically(self.root, json_path.with_suffix(".csv"), manifest.csv_bytes())
-        return write_atomically(self.root, json_path, manifest.json_bytes())
+        with _merging(self.root):  # a re-run of the job at the same time waits its turn
+            earlier = _earlier(self.root / json_path)
+            rows = {r.path: r for r in earlier.rows} if earlier else {}
+            rows.update((r.path, r) for r in self.rows())
+            with self._lock:
+                folders = sorted(self._folders)
+            for folder in folders:
+                rows.update((r.path, r) for r in _rebuilt_rows(self.root, folder, set(rows)))
+            manifest = Manifest.of(self.job, run, rows.values(), earlier)
+            write_atomically(self.root, json_path.with_suffix(".csv"), manifest.csv_bytes())
+            return write_atomically(self.root, json_path, manifest.json_bytes())
 
     def write_into(self, archive: ArchiveWriter, run: RunInfo) -> None:
         """Add `manifest.json` and `manifest.csv` (call before `finish()`)."""
@@ -234,6 +238,20 @@ def _checked_row(raw: object, n: int, where: str) -> Row:
             or values["path"] != path.as_posix()):
         raise bad("path")
     return Row(**values)
+
+
+@contextlib.contextmanager
+def _merging(root: Path) -> Iterator[None]:
+    """An exclusive lock on the destination folder (flock on its directory: across threads,
+    processes and their crashes, released by the kernel) while a manifest is read, merged
+    and written, so that two runs of one job never lose each other's rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _earlier(path: Path) -> Manifest | None:
