@@ -23,8 +23,9 @@ earlier runs are kept, rows written again replace theirs, nothing is listed twic
 ADIT counts as present in a study folder of the job (a `*/*.dcm` instance) but no row lists
 (a crashed first run, or a deleted manifest) gets its row rebuilt from the file on disk. An
 archive is written whole by one run (a re-run of a finished archive does nothing), so its
-rows are always this run's. One job's re-run racing itself on the same folder is not handled
-(the later write wins); two different jobs write different files.
+rows are always this run's. Merges run one at a time per destination folder (an flock on
+it), so two runs of one job ending together both keep their rows. A continuous job's runs
+each write their own manifest into the job's folder (`plan.standing_job_key`).
 
 Nothing here holds an original identifier of a pseudonymizing job: the rows hold the UIDs and
 paths as written; the header holds node names, options (a pseudonym is not an original
