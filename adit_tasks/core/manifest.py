@@ -88,12 +88,14 @@ class Row:
     sha256: str
     kind: str
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind of file '{self.kind}' (one of {', '.join(KINDS)})")
+
     @classmethod
     def of(cls, path: Path, data: bytes, *, study_uid: str, series_uid: str = "",
            sop_instance_uid: str = "", kind: str = "file") -> Row:
         """The row of `data` written at `path` (hashed here, once)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind of file '{kind}' (one of {', '.join(KINDS)})")
         return cls(study_uid, series_uid, sop_instance_uid, path.as_posix(), len(data),
                    hashlib.sha256(data).hexdigest(), kind)
 

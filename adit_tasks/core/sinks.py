@@ -19,7 +19,7 @@ from adit_tasks.core.archive import ArchiveWriter
 from adit_tasks.core.association import Connection
 from adit_tasks.core.dicomweb import qido_instance_uids, stow_instances
 from adit_tasks.core.find import manifest
-from adit_tasks.core.folder import FolderWriter, safe_component, write_atomically
+from adit_tasks.core.folder import FolderWriter, safe_component
 from adit_tasks.core.instances import DicomInstance
 from adit_tasks.core.manifest import JobManifest, Row
 from adit_tasks.core.store import StoreResult, store_instances
@@ -135,10 +135,13 @@ class FolderSink:
                  series_uid: str = "", kind: str = "file") -> Path:
         """Write one non-instance file into the study's folder; its path below the root."""
         path = study.folder / relative
-        row = _row(self.manifest, study, path, data, series_uid, kind)
-        write_atomically(self.root, path, data)
-        if self.manifest is not None and row is not None:
-            self.manifest.record(row)
+        # The row first (a wrong kind fails before anything is written); the writer hashes.
+        row = Row(study.study_uid, series_uid, "", path.as_posix(), len(data), "", kind)
+        writer = FolderWriter(self.root)
+        writer.write(path, data)
+        digests = writer.finish()
+        if self.manifest is not None:
+            self.manifest.record(replace(row, sha256=digests[path]))
         return path
 
 
